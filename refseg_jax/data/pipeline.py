@@ -1,0 +1,313 @@
+"""The tf.data input pipeline: one example per (referred object, expression).
+
+    per-host shard -> flatten to expressions -> decode -> resize keeping the
+    aspect and pad to a square canvas -> (train) random horizontal flip that
+    swaps `left`/`right` -> batch -> tokenise -> prefetch.
+
+Batches are dicts of NumPy arrays of the *host-local* batch size (global
+batch / process count). Images are uint8 [B, S, S, 3], the content placed at
+the top-left of the canvas; points and boxes are normalised by the canvas
+side S, (y, x) and (ymin, xmin, ymax, xmax). What a batch holds depends on
+the supervision, so that a mode cannot see labels it must not use:
+
+    text   image, text_tokens, text_mask
+    click  + box [B, 4], clicks [B, 3, 2] (centre, top-left, bottom-right)
+    full   + mask uint8 [B, S, S]
+
+Evaluation batches (every mode) hold the text-mode fields plus what scoring
+at the original resolution needs (see `refseg_jax.evaluation`): eval_mask
+uint8 [B, M, M] (ground truth at the original size, padded to M),
+orig_size and content_size int32 [B, 2], valid bool [B] (False on the
+padding that completes the last batch), image_id and sentence_id int32, and
+the host-only `sentence` (bytes, for pictures; never send it to a device).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+from jax.experimental import multihost_utils
+import ml_collections
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+import transformers
+
+from refseg_jax.data import ref_shapes
+
+SUPERVISION_FIELDS = {
+    'text': ('image', 'text_tokens', 'text_mask'),
+    'click': ('image', 'text_tokens', 'text_mask', 'box', 'clicks'),
+    'full': ('image', 'text_tokens', 'text_mask', 'box', 'clicks', 'mask'),
+}
+EVAL_FIELDS = ('image', 'text_tokens', 'text_mask', 'eval_mask', 'orig_size',
+               'content_size', 'valid', 'image_id', 'sentence_id', 'sentence')
+# Datasets that ship their own vocabulary (used when config.tokenizer is None).
+_DATASET_VOCABS = {'ref_shapes': ref_shapes.vocab_path}
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """The data section of a training config, with its defaults."""
+  return ml_collections.ConfigDict({
+      'name': 'ref_shapes',       # TFDS name[/config].
+      'data_dir': None,           # TFDS data dir; None = TFDS default.
+      'image_size': 128,          # Side S of the square canvas.
+      'eval_mask_size': 128,      # M >= every original side in eval splits.
+      'max_text_len': 20,         # Tokens, [CLS] and [SEP] included.
+      'tokenizer': None,          # vocab.txt or local HF tokenizer directory.
+      'shuffle_buffer': 10_000,   # Expressions.
+      'flip': True,               # Train-time horizontal flip.
+  })
+
+
+def load_tokenizer(path: str | None, dataset: str
+                   ) -> transformers.PreTrainedTokenizerFast:
+  """A fast BERT tokenizer from a `vocab.txt` or a local HF directory.
+
+  Args:
+    path: a WordPiece `vocab.txt`, or a Hugging Face tokenizer directory; None
+      takes the vocabulary that `dataset` ships (only ref_shapes has one).
+    dataset: TFDS name of the dataset, for the default.
+  """
+  if path is None:
+    base = dataset.split('/')[0]
+    if base not in _DATASET_VOCABS:
+      raise ValueError(f'Dataset {dataset!r} ships no vocabulary: set '
+                       'config.data.tokenizer to a local tokenizer directory.')
+    path = _DATASET_VOCABS[base]()
+  if tf.io.gfile.isdir(path):
+    return transformers.AutoTokenizer.from_pretrained(
+        path, local_files_only=True, use_fast=True)
+  if not tf.io.gfile.exists(path):
+    raise FileNotFoundError(f'Tokenizer {path!r} does not exist.')
+  return transformers.BertTokenizerFast(vocab=path, do_lower_case=True)
+
+
+def swap_left_right(sentence: tf.Tensor) -> tf.Tensor:
+  """Swaps `left` and `right` at word starts (leftmost -> rightmost)."""
+  # RE2 has no callback replacement: swap through a placeholder byte.
+  sentence = tf.strings.regex_replace(sentence, r'\bleft', '\x00')
+  sentence = tf.strings.regex_replace(sentence, r'\bright', 'left')
+  return tf.strings.regex_replace(sentence, '\x00', 'right')
+
+
+def _expressions(example: dict) -> tf.data.Dataset:
+  """One element per expression of an image, with its object's labels."""
+  objects = example['objects']
+  refs = objects['refs']
+  index = refs['sentence'].value_rowids()
+  return tf.data.Dataset.from_tensor_slices({
+      'image': tf.fill(tf.shape(index), example['image']),
+      'image_id': tf.fill(tf.shape(index), example['image/id']),
+      'sentence': refs['sentence'].flat_values,
+      'sentence_id': refs['sentence_id'].flat_values,
+      'mask_png': tf.gather(objects['mask'], index),
+      'box': tf.gather(objects['box'], index),
+      'clicks': tf.gather(objects['clicks'], index),
+  })
+
+
+def _decode(element: dict, with_mask: bool) -> dict:
+  element = dict(element)
+  element['image'] = tf.io.decode_image(
+      element['image'], channels=3, expand_animations=False)
+  mask_png = element.pop('mask_png')
+  if with_mask:
+    element['mask'] = tf.io.decode_png(mask_png, channels=1)[..., 0]
+  return element
+
+
+def flip(element: dict) -> dict:
+  """Mirrors image, mask, box, clicks and the words left/right together."""
+  element = dict(element)
+  element['image'] = element['image'][:, ::-1]
+  if 'mask' in element:
+    element['mask'] = element['mask'][:, ::-1]
+  ymin, xmin, ymax, xmax = tf.unstack(element['box'])
+  element['box'] = tf.stack([ymin, 1 - xmax, ymax, 1 - xmin])
+  clicks = element['clicks']  # Rows: centre, top-left, bottom-right.
+  # The mirrored box's top-left corner is the mirror of its top-right one.
+  element['clicks'] = tf.stack(
+      [clicks[:, 0], 1 - tf.gather(clicks[:, 1], [0, 2, 1])], axis=1)
+  element['sentence'] = swap_left_right(element['sentence'])
+  return element
+
+
+def _resize_and_pad(element: dict, size: int) -> dict:
+  """Fits the image in a size x size canvas, keeping its aspect."""
+  element = dict(element)
+  orig = tf.shape(element['image'])[:2]
+  scale = size / tf.cast(tf.reduce_max(orig), tf.float32)
+  content = tf.cast(tf.round(tf.cast(orig, tf.float32) * scale), tf.int32)
+  content = tf.clip_by_value(content, 1, size)
+
+  def fit(image, method):
+    resized = tf.image.resize(image, content, method=method, antialias=True)
+    return tf.image.pad_to_bounding_box(resized, 0, 0, size, size)
+
+  image = fit(tf.cast(element['image'], tf.float32), 'bilinear')
+  element['image'] = tf.cast(tf.round(tf.clip_by_value(image, 0, 255)),
+                             tf.uint8)
+  if 'mask' in element:
+    mask = fit(tf.cast(element['mask'][..., None], tf.float32), 'bilinear')
+    element['mask'] = tf.cast(mask[..., 0] >= 0.5, tf.uint8)
+  # From image-normalised to canvas-normalised coordinates.
+  yx = tf.cast(content, tf.float32) / size
+  element['box'] = element['box'] * tf.tile(yx, [2])
+  element['clicks'] = element['clicks'] * yx
+  element['orig_size'] = orig
+  element['content_size'] = content
+  return element
+
+
+def _eval_fields(element: dict, mask_size: int) -> dict:
+  """Keeps the original-resolution mask, padded to mask_size, for scoring."""
+  mask = element['mask']
+  shape = tf.shape(mask)
+  with tf.control_dependencies([tf.debugging.Assert(
+      tf.reduce_all(shape <= mask_size),
+      ['Image', element['image_id'], 'of size', shape,
+       'exceeds config.data.eval_mask_size', mask_size])]):
+    # Clamped so that the Assert, not a trace-time shape error, reports it.
+    padded = tf.pad(mask, tf.maximum(
+        [[0, mask_size - shape[0]], [0, mask_size - shape[1]]], 0))
+  element = dict(element, eval_mask=padded, valid=True,
+                 image_id=tf.cast(element['image_id'], tf.int32),
+                 sentence_id=tf.cast(element['sentence_id'], tf.int32))
+  return {k: v for k, v in element.items() if k != 'mask'}
+
+
+def _tokenize(batch: dict, tokenizer, max_len: int) -> dict:
+  """Adds text_tokens and text_mask [B, max_len] (int32)."""
+
+  def encode(sentences):
+    encoded = tokenizer([s.decode() for s in sentences], padding='max_length',
+                        truncation=True, max_length=max_len,
+                        return_tensors='np')
+    return (encoded['input_ids'].astype(np.int32),
+            encoded['attention_mask'].astype(np.int32))
+
+  tokens, mask = tf.numpy_function(encode, [batch['sentence']],
+                                   (tf.int32, tf.int32), stateful=False)
+  shape = [batch['sentence'].shape[0], max_len]
+  return dict(batch, text_tokens=tf.ensure_shape(tokens, shape),
+              text_mask=tf.ensure_shape(mask, shape))
+
+
+def _local_batch_size(global_batch_size: int, process_count: int) -> int:
+  if global_batch_size % process_count:
+    raise ValueError(f'Batch size {global_batch_size} is not divisible by '
+                     f'the process count {process_count}.')
+  return global_batch_size // process_count
+
+
+def _host_images(config: ml_collections.ConfigDict, split: str,
+                 process_index: int, process_count: int,
+                 shuffle_files: bool = False,
+                 seed: int | None = None) -> tf.data.Dataset:
+  """This host's slice of `split`, images and masks left encoded."""
+  builder = tfds.builder(config.name, data_dir=config.data_dir)
+  host_split = tfds.split_for_jax_process(
+      split, process_index=process_index, process_count=process_count)
+  return builder.as_dataset(
+      split=host_split, shuffle_files=shuffle_files,
+      decoders={'image': tfds.decode.SkipDecoding(),
+                'objects': {'mask': tfds.decode.SkipDecoding()}},
+      read_config=tfds.ReadConfig(shuffle_seed=seed))
+
+
+def train_dataset(config: ml_collections.ConfigDict, supervision: str,
+                  global_batch_size: int, seed: int, process_index: int = 0,
+                  process_count: int = 1) -> tf.data.Dataset:
+  """Endless, shuffled training batches of this host's share of the data.
+
+  Args:
+    config: the data config (see `default_config`).
+    supervision: 'full', 'click' or 'text'; selects the fields (module doc).
+    global_batch_size: examples per step over all hosts.
+    seed: shuffling and flipping seed; the same seed gives the same order.
+    process_index: this host.
+    process_count: number of hosts.
+  """
+  if supervision not in SUPERVISION_FIELDS:
+    raise ValueError(f'Unknown supervision {supervision!r}; expected one of '
+                     f'{sorted(SUPERVISION_FIELDS)}.')
+  tokenizer = load_tokenizer(config.tokenizer, config.name)
+  ds = _host_images(config, 'train', process_index, process_count,
+                    shuffle_files=True, seed=seed)
+  ds = ds.repeat().flat_map(_expressions).shuffle(config.shuffle_buffer, seed=seed)
+  ds = ds.enumerate()  # A per-example index keeps random flips reproducible.
+
+  def prepare(index, element):
+    element = _decode(element, with_mask=supervision == 'full')
+    if config.flip:
+      coin = tf.random.stateless_uniform([], seed=tf.stack(
+          [tf.cast(seed, tf.int64), index]))
+      element = tf.cond(coin < 0.5, lambda: flip(element), lambda: element)
+    return _resize_and_pad(element, config.image_size)
+
+  ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
+  ds = ds.batch(_local_batch_size(global_batch_size, process_count),
+                drop_remainder=True)
+  ds = ds.map(lambda b: _tokenize(b, tokenizer, config.max_text_len),
+              num_parallel_calls=tf.data.AUTOTUNE)
+  fields = SUPERVISION_FIELDS[supervision]
+  ds = ds.map(lambda b: {k: b[k] for k in fields})
+  options = tf.data.Options()
+  options.deterministic = True
+  return ds.with_options(options).prefetch(tf.data.AUTOTUNE)
+
+
+def count_expressions(config: ml_collections.ConfigDict, split: str,
+                      process_index: int = 0, process_count: int = 1) -> int:
+  """Number of expressions in this host's slice of `split`."""
+  ds = _host_images(config, split, process_index, process_count)
+  ds = ds.map(lambda e: tf.size(e['objects']['refs']['sentence_id'].flat_values,
+                                out_type=tf.int64))
+  return int(ds.reduce(np.int64(0), lambda total, n: total + n))
+
+
+def eval_dataset(config: ml_collections.ConfigDict, split: str,
+                 global_batch_size: int, num_batches: int,
+                 process_index: int = 0,
+                 process_count: int = 1) -> tf.data.Dataset:
+  """Every expression of this host's slice once, in `num_batches` batches.
+
+  Args:
+    config: the data config.
+    split: e.g. 'validation'.
+    global_batch_size: examples per step over all hosts.
+    num_batches: batches every host yields, the last ones completed with
+      padding (valid=False); see `num_eval_batches`.
+    process_index: this host.
+    process_count: number of hosts.
+  """
+  tokenizer = load_tokenizer(config.tokenizer, config.name)
+  local_batch = _local_batch_size(global_batch_size, process_count)
+  ds = _host_images(config, split, process_index,
+                    process_count).flat_map(_expressions)
+
+  def prepare(element):
+    element = _resize_and_pad(_decode(element, with_mask=True),
+                              config.image_size)
+    return _eval_fields(element, config.eval_mask_size)
+
+  ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
+  padding = tf.data.Dataset.from_tensors(tf.nest.map_structure(
+      lambda spec: tf.zeros(spec.shape, spec.dtype), ds.element_spec))
+  ds = ds.concatenate(padding.repeat()).take(num_batches * local_batch)
+  ds = ds.batch(local_batch, drop_remainder=True)
+  ds = ds.map(lambda b: _tokenize(b, tokenizer, config.max_text_len))
+  ds = ds.map(lambda b: {k: b[k] for k in EVAL_FIELDS})
+  return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def num_eval_batches(config: ml_collections.ConfigDict, split: str,
+                     global_batch_size: int) -> int:
+  """Batches per host so that every host's slice fits (same on all hosts)."""
+  local_batch = _local_batch_size(global_batch_size, jax.process_count())
+  count = count_expressions(config, split, jax.process_index(),
+                            jax.process_count())
+  most = int(np.max(multihost_utils.process_allgather(np.int64(count))))
+  return max(1, math.ceil(most / local_batch))

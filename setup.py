@@ -1,0 +1,37 @@
+"""refseg_jax: referring expression segmentation in JAX/Flax.
+
+Every range below is one the project has run (versions in README.md).
+"""
+
+import setuptools
+
+setuptools.setup(
+    name='refseg_jax',
+    version='0.1.0',
+    description='Referring expression segmentation under full, click and '
+                'text supervision, in JAX/Flax.',
+    packages=setuptools.find_packages(include=['refseg_jax', 'refseg_jax.*']),
+    package_data={'refseg_jax.data': ['*.txt']},
+    python_requires='>=3.10',
+    install_requires=[
+        'absl-py>=2.5,<3',
+        'clu==0.0.12',
+        'flax>=0.12.8,<0.13',
+        # TFDS needs it at run time without declaring it.
+        'importlib_resources>=7.1,<8',
+        'jax>=0.10.2,<0.11',
+        'ml-collections>=1.1,<1.2',
+        'numpy>=2.4,<2.5',
+        'optax>=0.2.8,<0.3',
+        'orbax-checkpoint>=0.12.8,<0.13',
+        'pillow>=13,<14',
+        'pycocotools>=2.0.11,<2.1',
+        # Data only: the CPU build where one exists.
+        'tensorflow-cpu>=2.21,<2.22; platform_system == "Linux"',
+        'tensorflow>=2.21,<2.22; platform_system != "Linux"',
+        'tensorflow-datasets>=4.9.10,<4.10',
+        # 5.x: BertTokenizerFast(vocab=...) (4.x called it vocab_file).
+        'transformers>=5.23,<6',
+    ],
+    extras_require={'test': ['pytest>=9.2,<10']},
+)
