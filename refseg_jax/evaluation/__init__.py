@@ -7,9 +7,9 @@ from refseg_jax.evaluation.metrics import expression_stats
 from refseg_jax.evaluation.metrics import resize_to_original
 
 __all__ = [
-    'PREC_KEYS',
-    'PREC_THRESHOLDS_TENTHS',
-    'RESMetrics',
-    'expression_stats',
-    'resize_to_original',
+  'PREC_KEYS',
+  'PREC_THRESHOLDS_TENTHS',
+  'RESMetrics',
+  'expression_stats',
+  'resize_to_original',
 ]

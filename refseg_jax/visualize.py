@@ -1,0 +1,66 @@
+"""Pictures a person would rather look at: masks and clicks over images."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+# Ground truth in green, predictions in red (where both: yellow-ish).
+TRUE_COLOUR = (0, 220, 0)
+PREDICTED_COLOUR = (255, 40, 40)
+
+
+def overlay(image: np.ndarray, masks: Sequence[tuple[np.ndarray, tuple]],
+            clicks: np.ndarray | None = None, alpha: float = 0.45,
+            dim: float = 1.0) -> Image.Image:
+  """Blends [H, W] 0/1 masks in their colours over a uint8 [H, W, 3] image.
+
+  Args:
+    image: the picture.
+    masks: (mask, RGB colour) pairs, drawn in order.
+    clicks: optional [K, 2] normalised (y, x) points, drawn as crosses.
+    alpha: mask opacity.
+    dim: brightness of the pixels outside every mask (1 = unchanged), to make
+      the masked objects stand out whatever their colour.
+  """
+  out = image.astype(np.float32)
+  outside = ~np.any([m.astype(bool) for m, _ in masks], axis=0)
+  out[outside] *= dim
+  for mask, colour in masks:
+    on = mask.astype(bool)
+    out[on] = (1 - alpha) * out[on] + alpha * np.array(colour, np.float32)
+  picture = Image.fromarray(np.clip(out, 0, 255).astype(np.uint8))
+  if clicks is not None:
+    draw = ImageDraw.Draw(picture)
+    height, width = image.shape[:2]
+    arm = max(2, round(min(height, width) / 40))
+    for y, x in np.asarray(clicks) * [height, width]:
+      draw.line([(x - arm, y), (x + arm, y)], fill=(255, 255, 255), width=1)
+      draw.line([(x, y - arm), (x, y + arm)], fill=(255, 255, 255), width=1)
+  return picture
+
+
+def captioned_grid(panels: Sequence[tuple[Image.Image, str]], columns: int,
+                   panel_size: int = 256) -> Image.Image:
+  """Panels scaled to `panel_size` wide, each with its caption underneath."""
+  caption_height = 34
+  rows = -(-len(panels) // columns)
+  grid = Image.new('RGB', (columns * panel_size,
+                           rows * (panel_size + caption_height)), 'white')
+  draw = ImageDraw.Draw(grid)
+  for i, (panel, caption) in enumerate(panels):
+    left = (i % columns) * panel_size
+    top = (i // columns) * (panel_size + caption_height)
+    grid.paste(panel.resize((panel_size, panel_size), Image.NEAREST),
+               (left, top))
+    # Two lines of ~40 characters fit under a 256 px panel.
+    words, lines = caption.split(), ['']
+    for word in words:
+      if len(lines[-1]) + len(word) > 40:
+        lines.append('')
+      lines[-1] = f'{lines[-1]} {word}'.strip()
+    draw.multiline_text((left + 4, top + panel_size + 2),
+                        '\n'.join(lines[:2]), fill='black')
+  return grid
