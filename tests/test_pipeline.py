@@ -187,10 +187,21 @@ def test_eval_rejects_images_larger_than_the_mask_canvas(tiny_config):
     list(tfds.as_numpy(pipeline.eval_dataset(config, 'validation', BATCH, 1)))
 
 
-def test_unknown_supervision_and_missing_tokenizer_are_named(tiny_config):
+def test_unknown_supervision_missing_data_or_tokenizer_are_named(
+    tiny_config, tmp_path):
+  unbuilt = tiny_config.copy_and_resolve_references()
+  unbuilt.data_dir = str(tmp_path)
+  with pytest.raises(FileNotFoundError, match='refseg_jax.data.build'):
+    pipeline.train_dataset(unbuilt, 'full', BATCH, seed=0)
   with pytest.raises(ValueError, match='boxes'):
     pipeline.train_dataset(tiny_config, 'boxes', BATCH, seed=0)
   with pytest.raises(FileNotFoundError, match='/no/such/vocab.txt'):
     pipeline.load_tokenizer('/no/such/vocab.txt', 'ref_shapes')
   with pytest.raises(ValueError, match='config.data.tokenizer'):
     pipeline.load_tokenizer(None, 'ref_coco/refcoco_unc')
+
+
+def test_num_eval_batches_covers_the_split(tiny_config):
+  count = pipeline.count_expressions(tiny_config, 'validation')
+  num_batches = pipeline.num_eval_batches(tiny_config, 'validation', BATCH)
+  assert (num_batches - 1) * BATCH < count <= num_batches * BATCH

@@ -35,6 +35,9 @@ Points and boxes are normalised so that they survive resizing; a pixel
 
 from __future__ import annotations
 
+import contextlib
+from unittest import mock
+
 import numpy as np
 import tensorflow_datasets as tfds
 
@@ -93,3 +96,20 @@ def clicks_from_mask_and_box(mask: np.ndarray, box: np.ndarray) -> np.ndarray:
   height, width = mask.shape
   center = ((ys[nearest] + 0.5) / height, (xs[nearest] + 0.5) / width)
   return np.array([center, box[:2], box[2:]], np.float32)
+
+
+@contextlib.contextmanager
+def deterministic_serialization():
+  """Makes TFDS write byte-identical TFRecords for identical examples.
+
+  A tf.Example's features are a protobuf map, and protobuf serialises maps
+  in an order that changes from process to process; deterministic
+  serialisation sorts them. Wrap a builder's `_download_and_prepare` in it.
+  """
+  serializer = tfds.core.example_serializer.ExampleSerializer
+
+  def serialize_example(self, example):
+    return self.get_tf_example(example).SerializeToString(deterministic=True)
+
+  with mock.patch.object(serializer, 'serialize_example', serialize_example):
+    yield

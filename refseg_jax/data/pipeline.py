@@ -208,6 +208,11 @@ def _host_images(config: ml_collections.ConfigDict, split: str,
                  seed: int | None = None) -> tf.data.Dataset:
   """This host's slice of `split`, images and masks left encoded."""
   builder = tfds.builder(config.name, data_dir=config.data_dir)
+  if not builder.is_prepared():
+    raise FileNotFoundError(
+        f'Dataset {config.name} is not built in {builder.data_dir}: run '
+        f'python -m refseg_jax.data.build --dataset={config.name}'
+        + (f' --data_dir={config.data_dir}' if config.data_dir else ''))
   host_split = tfds.split_for_jax_process(
       split, process_index=process_index, process_count=process_count)
   return builder.as_dataset(
@@ -236,7 +241,8 @@ def train_dataset(config: ml_collections.ConfigDict, supervision: str,
   tokenizer = load_tokenizer(config.tokenizer, config.name)
   ds = _host_images(config, 'train', process_index, process_count,
                     shuffle_files=True, seed=seed)
-  ds = ds.repeat().flat_map(_expressions).shuffle(config.shuffle_buffer, seed=seed)
+  ds = ds.repeat().flat_map(_expressions)
+  ds = ds.shuffle(config.shuffle_buffer, seed=seed)
   ds = ds.enumerate()  # A per-example index keeps random flips reproducible.
 
   def prepare(index, element):

@@ -121,6 +121,10 @@ class RefShapes(tfds.core.GeneratorBasedBuilder):
         features=features_lib.features('png'),
         description=__doc__)
 
+  def _download_and_prepare(self, dl_manager, download_config):
+    with features_lib.deterministic_serialization():
+      return super()._download_and_prepare(dl_manager, download_config)
+
   def _split_generators(self, dl_manager):
     del dl_manager  # Nothing to download.
     return {split: self._generate_examples(split) for split in SPLITS}
