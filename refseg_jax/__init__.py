@@ -1,0 +1,1 @@
+"""refseg_jax: referring expression segmentation in JAX/Flax."""

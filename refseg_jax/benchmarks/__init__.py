@@ -1,0 +1,1 @@
+"""Benchmarks: commands that measure, with their figures in README.md."""

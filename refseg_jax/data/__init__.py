@@ -1,0 +1,1 @@
+"""Datasets (TFDS builders), their shared schema and the input pipeline."""
