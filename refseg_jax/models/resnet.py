@@ -76,12 +76,13 @@ def _layers(dtype: Dtype, frozen_bn: bool, train: bool):
   return conv, bn
 
 
-class BasicBlock(nn.Module):
-  """Two 3x3 convs with an identity (or 1x1 projection) shortcut.
+class _Block(nn.Module):
+  """Fields shared by the residual blocks.
 
   Attributes:
-    width: Output channels.
-    stride: Spatial stride of the first conv.
+    width: Output channels (BasicBlock) or inner channels (Bottleneck, whose
+      output has `4 * width`).
+    stride: Spatial stride of the block's 3x3 conv.
     dtype: Computation dtype.
     frozen_bn: Always use BN running averages.
   """
@@ -90,6 +91,10 @@ class BasicBlock(nn.Module):
   stride: int = 1
   dtype: Dtype = jnp.float32
   frozen_bn: bool = False
+
+
+class BasicBlock(_Block):
+  """Two 3x3 convs with an identity (or 1x1 projection) shortcut."""
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -100,20 +105,8 @@ class BasicBlock(nn.Module):
     return nn.relu(y + _shortcut(x, self.width, self.stride, conv, bn))
 
 
-class Bottleneck(nn.Module):
-  """1x1 -> 3x3 (strided, v1.5) -> 1x1 convs with 4x channel expansion.
-
-  Attributes:
-    width: Channels of the inner convs; the output has `4 * width`.
-    stride: Spatial stride of the 3x3 conv.
-    dtype: Computation dtype.
-    frozen_bn: Always use BN running averages.
-  """
-
-  width: int
-  stride: int = 1
-  dtype: Dtype = jnp.float32
-  frozen_bn: bool = False
+class Bottleneck(_Block):
+  """1x1 -> 3x3 (strided, v1.5) -> 1x1 convs with 4x channel expansion."""
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
