@@ -1,0 +1,311 @@
+"""PKS (position - kernel - segmentation) for referring expression segmentation.
+
+Li et al., TCSVT 2023 (arXiv 2212.10278) released neither text nor code, so
+this is OUR FAITHFUL RECONSTRUCTION from the abstract's design: localisation
+and segmentation run in parallel, and language only ever reaches the
+localisation step.
+
+    image -> ResNet -> FPN neck (stages 2-4 -> stride 8, `dim` channels)
+      |-- position branch: pixel-word attention with the BERT words, then
+      |     centre heatmap logits [B, H, W] and box map [B, H, W, 4]
+      |-- kernel branch (vision only): a CondInst kernel per location
+      '-- segmentation branch (vision only): mask features [B, H, W, 8]
+    kernel at the centre -> dynamic mask head over the mask features
+      -> mask logits [B, H, W]
+
+H, W = S / 8 throughout. Design choices:
+
+* Fusion: pixel-word cross attention (masked by `text_mask`), then an
+  element-wise product of the visual features with the attended words, as in
+  LAVT's PWAM. The product lets language gate which pixels look like the
+  referent; the fused map feeds the position heads only.
+* Cells: cell (i, j) of the stride-8 grid spans canvas-normalised
+  [i/H, (i+1)/H) x [j/W, (j+1)/W) and sits at ((i+0.5)/H, (j+0.5)/W). A
+  point maps to the cell containing it.
+* Box map: non-negative (softplus) distances (top, left, bottom, right) from
+  each cell's centre to the box edges, in canvas-normalised units (fractions
+  of S), so that they do not depend on the canvas size. 'box_at_centre'
+  decodes the selected cell into (ymin, xmin, ymax, xmax).
+* Dynamic mask head (CondInst): the mask features plus the (y, x) position
+  of every cell relative to the centre (canvas-normalised) pass through
+  three 1x1 convs 10 -> 8 -> 8 -> 1 (ReLU between), whose 169 weights and
+  biases are the kernel (`dynamic_param_count`).
+* Mask logits stay at stride 8: the losses average-pool the ground truth to
+  that grid (`refseg_jax.losses`); evaluation upsamples the logits
+  bilinearly to S.
+* Centre: in training the ground-truth centre click (so the kernel branch
+  learns from the right location even while the heatmap is poor); otherwise
+  the heatmap argmax's cell centre. Either way no gradient flows through it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from refseg_jax.models import bert
+from refseg_jax.models import resnet
+
+Dtype = Any
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# CenterNet's heatmap bias: sigmoid(-2.19) = 0.1, so the many negative cells
+# do not swamp the focal loss at the start of training.
+_HEATMAP_PRIOR_BIAS = -2.19
+
+
+def dynamic_param_count(in_channels: int = 8, channels: int = 8,
+                        layers: int = 3) -> int:
+  """Weights + biases of a CondInst dynamic mask head.
+
+  Args:
+    in_channels: Mask-feature channels; 2 relative coordinates are appended.
+    channels: Width of the hidden 1x1 convs.
+    layers: Number of 1x1 convs; the last has one output.
+
+  Returns:
+    The kernel length (169 for the CondInst defaults).
+  """
+  widths = _head_widths(in_channels, channels, layers)
+  return sum(i * o + o for i, o in zip(widths[:-1], widths[1:]))
+
+
+def _head_widths(in_channels: int, channels: int, layers: int) -> list[int]:
+  """Channel widths through the dynamic head, input first."""
+  return [in_channels + 2] + [channels] * (layers - 1) + [1]
+
+
+def normalise_images(images: jax.Array, dtype: Dtype) -> jax.Array:
+  """uint8 [B, S, S, 3] -> ImageNet-normalised `dtype` images."""
+  x = images.astype(jnp.float32) / 255.0
+  x = (x - jnp.asarray(IMAGENET_MEAN)) / jnp.asarray(IMAGENET_STD)
+  return x.astype(dtype)
+
+
+def cell_centres(height: int, width: int) -> jax.Array:
+  """Canvas-normalised (y, x) centres of a grid's cells, [H, W, 2]."""
+  ys = (jnp.arange(height) + 0.5) / height
+  xs = (jnp.arange(width) + 0.5) / width
+  return jnp.stack(jnp.meshgrid(ys, xs, indexing='ij'), axis=-1)
+
+
+def point_to_cell(points: jax.Array, height: int,
+                  width: int) -> tuple[jax.Array, jax.Array]:
+  """Row and column [B] of the cells containing canvas-normalised points."""
+  iy = jnp.clip(jnp.floor(points[:, 0] * height), 0, height - 1)
+  ix = jnp.clip(jnp.floor(points[:, 1] * width), 0, width - 1)
+  return iy.astype(jnp.int32), ix.astype(jnp.int32)
+
+
+def heatmap_peak(heatmap: jax.Array) -> jax.Array:
+  """Canvas-normalised (y, x) [B, 2] of the argmax cell's centre."""
+  _, height, width = heatmap.shape
+  flat = jnp.argmax(heatmap.reshape(heatmap.shape[0], -1), axis=-1)
+  iy, ix = jnp.divmod(flat, width)
+  return jnp.stack([(iy + 0.5) / height, (ix + 0.5) / width], axis=-1)
+
+
+def decode_box(box_map: jax.Array, centre: jax.Array) -> jax.Array:
+  """(ymin, xmin, ymax, xmax) [B, 4] predicted at the cells of `centre`.
+
+  Args:
+    box_map: [B, H, W, 4] distances (top, left, bottom, right) from each
+      cell's centre to the box edges, canvas-normalised.
+    centre: [B, 2] canvas-normalised (y, x).
+  """
+  batch, height, width, _ = box_map.shape
+  iy, ix = point_to_cell(centre, height, width)
+  dist = box_map[jnp.arange(batch), iy, ix]
+  anchor = cell_centres(height, width)[iy, ix]
+  return jnp.concatenate([anchor - dist[:, :2], anchor + dist[:, 2:]], -1)
+
+
+def dynamic_mask_head(mask_features: jax.Array, kernel: jax.Array,
+                      centre: jax.Array, channels: int = 8,
+                      layers: int = 3) -> jax.Array:
+  """Applies per-example CondInst 1x1 convs to the mask features.
+
+  Args:
+    mask_features: [B, H, W, C] vision-only features.
+    kernel: [B, dynamic_param_count(C, channels, layers)], per layer the
+      weights ([in, out], row-major) then the biases.
+    centre: [B, 2] canvas-normalised (y, x) that the coordinates are
+      relative to, so the same kernel can tell its object from look-alikes.
+    channels: Hidden width.
+    layers: Number of 1x1 convs.
+
+  Returns:
+    Mask logits [B, H, W].
+  """
+  batch, height, width, in_channels = mask_features.shape
+  rel = cell_centres(height, width)[None] - centre[:, None, None, :]
+  x = jnp.concatenate([mask_features, rel.astype(mask_features.dtype)], -1)
+  widths = _head_widths(in_channels, channels, layers)
+  offset = 0
+  for k, (n_in, n_out) in enumerate(zip(widths[:-1], widths[1:])):
+    w = kernel[:, offset:offset + n_in * n_out].reshape(batch, n_in, n_out)
+    offset += n_in * n_out
+    b = kernel[:, offset:offset + n_out]
+    offset += n_out
+    x = jnp.einsum('bhwi,bio->bhwo', x, w) + b[:, None, None, :]
+    if k < layers - 1:
+      x = nn.relu(x)
+  return x[..., 0]
+
+
+def _conv(features: int, kernel: int, dtype: Dtype, name: str,
+          **kwargs: Any) -> nn.Conv:
+  """A 'SAME' conv with float32 params computing in `dtype`."""
+  return nn.Conv(features, (kernel, kernel), padding='SAME', dtype=dtype,
+                 param_dtype=jnp.float32, name=name, **kwargs)
+
+
+class Neck(nn.Module):
+  """FPN-like top-down merge of stages 2-4 into one stride-8 map.
+
+  Attributes:
+    dim: Output channels.
+    dtype: Computation dtype.
+  """
+
+  dim: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, features: Dict[str, jax.Array]) -> jax.Array:
+    """Returns [B, H/8, W/8, dim] from the ResNet stage outputs."""
+    x = None
+    for stage in ('stage4', 'stage3', 'stage2'):
+      lateral = _conv(self.dim, 1, self.dtype, f'lateral_{stage}')(
+          features[stage])
+      if x is not None:
+        # Resize to the exact lateral shape: stage sizes are rounded up.
+        x = jax.image.resize(x, lateral.shape, 'nearest')
+        lateral = lateral + x
+      x = lateral
+    return nn.relu(_conv(self.dim, 3, self.dtype, 'output')(x))
+
+
+class PixelWordFusion(nn.Module):
+  """Pixel-word cross attention, then a PWAM-style element-wise product.
+
+  Attributes:
+    dim: Channels of the visual features and of the output.
+    dtype: Computation dtype.
+  """
+
+  dim: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, visual: jax.Array, words: jax.Array,
+               text_mask: jax.Array) -> jax.Array:
+    """Fuses words [B, L, D] into visual features [B, H, W, dim]."""
+    dense = lambda name: nn.Dense(self.dim, dtype=self.dtype,
+                                  param_dtype=jnp.float32, name=name)
+    q = dense('query')(visual)
+    k = dense('key')(words)
+    v = dense('value')(words)
+    logits = jnp.einsum('bhwd,bld->bhwl', q, k).astype(jnp.float32)
+    logits = logits / jnp.sqrt(self.dim) + bert.attention_bias(text_mask)
+    attn = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+    context = jnp.einsum('bhwl,bld->bhwd', attn, v)
+    fused = visual * dense('context')(context)
+    return nn.relu(dense('output')(fused))
+
+
+def _head(x: jax.Array, dim: int, out: int, dtype: Dtype, name: str,
+          bias_init=nn.initializers.zeros) -> jax.Array:
+  """3x3 conv + ReLU + 1x1 conv prediction head."""
+  x = nn.relu(_conv(dim, 3, dtype, f'{name}_conv')(x))
+  return _conv(out, 1, dtype, f'{name}_out', bias_init=bias_init)(x)
+
+
+class PKS(nn.Module):
+  """PKS referring segmentation model (our reconstruction; see module doc).
+
+  Attributes:
+    vocab_size: Text vocabulary size.
+    resnet_preset: Name in `resnet.PRESETS`.
+    bert_preset: Name in `bert.PRESETS`.
+    dim: Channels of the neck and branch features.
+    mask_channels: Channels of the mask features and dynamic head.
+    mask_layers: Number of 1x1 convs in the dynamic head.
+    dtype: Computation dtype (e.g. jnp.bfloat16); params stay float32.
+    frozen_bn: Always use the ResNet's BN running averages.
+  """
+
+  vocab_size: int = bert.BERT_VOCAB_SIZE
+  resnet_preset: str = 'tiny'
+  bert_preset: str = 'tiny'
+  dim: int = 64
+  mask_channels: int = 8
+  mask_layers: int = 3
+  dtype: Dtype = jnp.float32
+  frozen_bn: bool = False
+
+  @nn.compact
+  def __call__(self, images: jax.Array, text_tokens: jax.Array,
+               text_mask: jax.Array, train: bool,
+               centre: Optional[jax.Array] = None) -> Dict[str, jax.Array]:
+    """Predicts the referent's position and mask.
+
+    Args:
+      images: uint8 [B, S, S, 3].
+      text_tokens: int [B, L].
+      text_mask: [B, L], 1 for real tokens.
+      train: Batch-statistics BN (needs `mutable=['batch_stats']` unless
+        `frozen_bn`) and BERT dropout (needs a 'dropout' rng).
+      centre: [B, 2] canvas-normalised (y, x) where the kernel is taken
+        (the ground-truth centre click in training); None = heatmap argmax.
+
+    Returns:
+      float32 'heatmap' logits [B, H, W]; 'box' distance map [B, H, W, 4];
+      'box_at_centre' (ymin, xmin, ymax, xmax) [B, 4]; 'mask_logits'
+      [B, H, W]; 'mask_features' [B, H, W, mask_channels]; 'centre' [B, 2].
+      H, W = S / 8.
+    """
+    # Not `from_preset`: its `name` argument would clash with the submodule's.
+    features = resnet.ResNet(
+        **resnet.PRESETS[self.resnet_preset], dtype=self.dtype,
+        frozen_bn=self.frozen_bn, name='backbone')(
+            normalise_images(images, self.dtype), train)
+    visual = Neck(self.dim, self.dtype, name='neck')(features)
+    words = bert.BertEncoder(
+        bert.preset(self.bert_preset, self.vocab_size), self.dtype,
+        name='text')(text_tokens, text_mask, train)['hidden']
+
+    fused = PixelWordFusion(self.dim, self.dtype, name='fusion')(
+        visual, words, text_mask)
+    heatmap = _head(fused, self.dim, 1, self.dtype, 'heatmap',
+                    nn.initializers.constant(_HEATMAP_PRIOR_BIAS))
+    heatmap = heatmap[..., 0].astype(jnp.float32)
+    box = nn.softplus(
+        _head(fused, self.dim, 4, self.dtype, 'box').astype(jnp.float32))
+
+    # Language never reaches these two vision-only branches.
+    n_kernel = dynamic_param_count(self.mask_channels, self.mask_channels,
+                                   self.mask_layers)
+    kernels = _head(visual, self.dim, n_kernel, self.dtype, 'kernel')
+    mask_features = _head(visual, self.dim, self.mask_channels, self.dtype,
+                          'mask')
+
+    if centre is None:
+      centre = heatmap_peak(heatmap)
+    centre = jax.lax.stop_gradient(centre.astype(jnp.float32))
+    iy, ix = point_to_cell(centre, *heatmap.shape[1:])
+    kernel = kernels[jnp.arange(kernels.shape[0]), iy, ix]
+    mask_logits = dynamic_mask_head(mask_features, kernel, centre,
+                                    self.mask_channels, self.mask_layers)
+    return {
+        'heatmap': heatmap,
+        'box': box,
+        'box_at_centre': decode_box(box, centre),
+        'mask_logits': mask_logits.astype(jnp.float32),
+        'mask_features': mask_features.astype(jnp.float32),
+        'centre': centre,
+    }
