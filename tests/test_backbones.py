@@ -76,7 +76,7 @@ def _variables(model, images_shape, seed: int = 0):
 @pytest.fixture(scope='module')
 def tiny_vit():
   """The 'tiny' ViT configured for 32x32 inputs (a 4x4 grid), and params."""
-  model = vit.ViT.from_preset('tiny', image_size=32)
+  model = vit.ViT(**vit.PRESETS['tiny'], image_size=32)
   return model, _variables(model, (1, 32, 32, 3))
 
 
@@ -85,14 +85,14 @@ def tiny_vit():
 
 @pytest.mark.parametrize('name', sorted(RESNET_PARAMS))
 def test_resnet_param_count_matches_torchvision(name):
-  model = resnet.ResNet.from_preset(name)
+  model = resnet.ResNet(**resnet.PRESETS[name])
   variables = jax.eval_shape(lambda: model.init(
       jax.random.key(0), jnp.zeros((1, 224, 224, 3)), train=False))
   assert _count(variables['params']) == RESNET_PARAMS[name]
 
 
 def test_resnet_tiny_stage_strides_and_batch_norm():
-  model = resnet.ResNet.from_preset('tiny')
+  model = resnet.ResNet(**resnet.PRESETS['tiny'])
   images = _random_images((2, 64, 96, 3))
   variables = _variables(model, images.shape)
   features, updates = jax.jit(lambda v, x: model.apply(
@@ -109,7 +109,7 @@ def test_resnet_tiny_stage_strides_and_batch_norm():
 def test_resnet_bf16_activations_float32_params():
   # Dtypes are fixed at trace time, so abstract evaluation suffices (bf16
   # convolutions are very slow on CPU).
-  model = resnet.ResNet.from_preset('tiny', dtype=jnp.bfloat16)
+  model = resnet.ResNet(**resnet.PRESETS['tiny'], dtype=jnp.bfloat16)
   images = jax.ShapeDtypeStruct((2, 64, 64, 3), jnp.float32)
   variables = jax.eval_shape(
       lambda x: model.init(jax.random.key(0), x, train=False), images)
@@ -121,7 +121,7 @@ def test_resnet_bf16_activations_float32_params():
 
 
 def test_resnet_frozen_bn_trains_like_eval():
-  model = resnet.ResNet.from_preset('tiny', frozen_bn=True)
+  model = resnet.ResNet(**resnet.PRESETS['tiny'], frozen_bn=True)
   images = _random_images((2, 32, 32, 3))
   variables = _variables(model, images.shape)
   # No `mutable`: frozen BN must not try to update its statistics.
@@ -167,7 +167,7 @@ def test_interpolate_pos_embed_reproduces_linear_ramp(old_grid, new_grid):
 
 @pytest.mark.parametrize('name', sorted(VIT_PARAMS))
 def test_vit_param_count_matches_timm(name):
-  model = vit.ViT.from_preset(name, image_size=224)
+  model = vit.ViT(**vit.PRESETS[name], image_size=224)
   variables = jax.eval_shape(lambda: model.init(
       jax.random.key(0), jnp.zeros((1, 224, 224, 3)), train=False))
   assert _count(variables['params']) == VIT_PARAMS[name]
@@ -185,7 +185,7 @@ def test_vit_other_input_size_uses_interpolated_pos_embed(tiny_vit):
   params = dict(variables['params'])
   params['pos_embed'] = vit.interpolate_pos_embed(
       params['pos_embed'], (4, 4), (6, 6), num_prefix_tokens=1)
-  model_48 = vit.ViT.from_preset('tiny', image_size=48)
+  model_48 = vit.ViT(**vit.PRESETS['tiny'], image_size=48)
   reference = jax.jit(lambda v, x: model_48.apply(v, x, train=False))(
       {'params': params}, _smooth_images(48))
   np.testing.assert_allclose(reference['grid'], resized['grid'], atol=1e-5)
@@ -200,7 +200,7 @@ def test_vit_other_input_size_uses_interpolated_pos_embed(tiny_vit):
 
 
 def test_vit_bf16_activations_float32_params():
-  model = vit.ViT.from_preset('tiny', image_size=32, dtype=jnp.bfloat16)
+  model = vit.ViT(**vit.PRESETS['tiny'], image_size=32, dtype=jnp.bfloat16)
   images = jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32)
   variables = jax.eval_shape(
       lambda x: model.init(jax.random.key(0), x, train=False), images)
@@ -215,7 +215,7 @@ def test_vit_bf16_activations_float32_params():
 
 def test_vit_drop_path_only_in_train(tiny_vit):
   _, variables = tiny_vit
-  model = vit.ViT.from_preset('tiny', image_size=32, drop_path_rate=0.5)
+  model = vit.ViT(**vit.PRESETS['tiny'], image_size=32, drop_path_rate=0.5)
   images = _random_images((8, 32, 32, 3))
   apply = jax.jit(lambda rng, train: model.apply(
       variables, images, train=train, rngs={'dropout': rng})['tokens'],

@@ -127,10 +127,14 @@ def _embed(config: BertConfig, num: int, dtype: Any, name: str) -> nn.Embed:
       name=name)
 
 
-class BertEmbeddings(nn.Module):
-  """LayerNorm(word + position + token-type embeddings), then dropout."""
+class _BertModule(nn.Module):
+  """Fields every BERT module shares: the architecture and compute dtype."""
   config: BertConfig
   dtype: Any = jnp.float32
+
+
+class BertEmbeddings(_BertModule):
+  """LayerNorm(word + position + token-type embeddings), then dropout."""
 
   @nn.compact
   def __call__(self, tokens: jnp.ndarray, train: bool) -> jnp.ndarray:
@@ -146,10 +150,8 @@ class BertEmbeddings(nn.Module):
     return nn.Dropout(cfg.hidden_dropout_prob)(x, deterministic=not train)
 
 
-class BertSelfAttention(nn.Module):
+class BertSelfAttention(_BertModule):
   """Multi-head scaled dot-product self-attention (HF `attention.self`)."""
-  config: BertConfig
-  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, bias: jnp.ndarray,
@@ -173,10 +175,8 @@ class BertSelfAttention(nn.Module):
     return out.reshape(x.shape[:2] + (cfg.hidden_size,))
 
 
-class BertResidualOutput(nn.Module):
+class BertResidualOutput(_BertModule):
   """LayerNorm(residual + dropout(dense(x))): HF `*.output` blocks."""
-  config: BertConfig
-  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, residual: jnp.ndarray,
@@ -188,10 +188,8 @@ class BertResidualOutput(nn.Module):
     return _layer_norm(cfg, self.dtype)(residual + y)
 
 
-class BertIntermediate(nn.Module):
+class BertIntermediate(_BertModule):
   """gelu(dense(x)), the feed-forward expansion (HF `intermediate`)."""
-  config: BertConfig
-  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
@@ -201,10 +199,8 @@ class BertIntermediate(nn.Module):
     return nn.gelu(h, approximate=False)  # BERT's exact erf GELU.
 
 
-class BertAttention(nn.Module):
+class BertAttention(_BertModule):
   """Self-attention and its residual output (HF `attention`)."""
-  config: BertConfig
-  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, bias: jnp.ndarray,
@@ -215,10 +211,8 @@ class BertAttention(nn.Module):
         y, x, train)
 
 
-class BertLayer(nn.Module):
+class BertLayer(_BertModule):
   """One post-LN encoder layer: attention, then the GELU feed-forward."""
-  config: BertConfig
-  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, bias: jnp.ndarray,
@@ -230,10 +224,8 @@ class BertLayer(nn.Module):
     return BertResidualOutput(cfg, self.dtype, name='output')(h, x, train)
 
 
-class BertLayerStack(nn.Module):
+class BertLayerStack(_BertModule):
   """The encoder layers `layer_0` ... `layer_{n-1}` (HF `encoder`)."""
-  config: BertConfig
-  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, bias: jnp.ndarray,
@@ -244,10 +236,8 @@ class BertLayerStack(nn.Module):
     return x
 
 
-class BertPooler(nn.Module):
+class BertPooler(_BertModule):
   """tanh(dense(hidden[:, 0])): HF `pooler`."""
-  config: BertConfig
-  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, hidden: jnp.ndarray) -> jnp.ndarray:
@@ -256,16 +246,13 @@ class BertPooler(nn.Module):
     return jnp.tanh(dense(hidden[:, 0]))
 
 
-class BertEncoder(nn.Module):
+class BertEncoder(_BertModule):
   """BERT text encoder (HF `BertModel` with pooler).
 
   Attributes:
     config: The hyper-parameters, e.g. `preset('base', vocab_size=43)`.
     dtype: Computation dtype (e.g. jnp.bfloat16); params stay float32.
   """
-  config: BertConfig
-  dtype: Any = jnp.float32
-
   @nn.compact
   def __call__(self, tokens: jnp.ndarray, text_mask: jnp.ndarray,
                train: bool) -> dict[str, jnp.ndarray]:

@@ -269,7 +269,6 @@ class PKS(nn.Module):
       [B, H, W]; 'mask_features' [B, H, W, mask_channels]; 'centre' [B, 2].
       H, W = S / 8.
     """
-    # Not `from_preset`: its `name` argument would clash with the submodule's.
     features = resnet.ResNet(
         **resnet.PRESETS[self.resnet_preset], dtype=self.dtype,
         frozen_bn=self.frozen_bn, name='backbone')(

@@ -146,11 +146,6 @@ class ResNet(nn.Module):
   dtype: Dtype = jnp.float32
   frozen_bn: bool = False
 
-  @classmethod
-  def from_preset(cls, name: str, **kwargs: Any) -> ResNet:
-    """Builds the `PRESETS[name]` architecture; `kwargs` override fields."""
-    return cls(**{**PRESETS[name], **kwargs})
-
   @nn.compact
   def __call__(self, images: jax.Array, train: bool) -> Dict[str, jax.Array]:
     """Computes multi-scale features.

@@ -245,11 +245,6 @@ class ViT(nn.Module):
   drop_path_rate: float = 0.0
   dtype: Dtype = jnp.float32
 
-  @classmethod
-  def from_preset(cls, name: str, **kwargs: Any) -> ViT:
-    """Builds the `PRESETS[name]` architecture; `kwargs` override fields."""
-    return cls(**{**PRESETS[name], **kwargs})
-
   @nn.compact
   def __call__(self, images: jax.Array, train: bool) -> Dict[str, jax.Array]:
     """Encodes images into patch tokens.
