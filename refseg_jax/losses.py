@@ -2,10 +2,10 @@
 
 Conventions: points and boxes are canvas-normalised (fractions of the canvas
 side S) as in `refseg_jax.data.pipeline`; heatmaps and mask logits live on
-the model's stride-8 grid of H x W cells (see `refseg_jax.models.pks`).
-Ground-truth masks arrive at S x S and are average-pooled onto that grid
-(`downsample_mask`), giving soft targets: the fraction of each cell the
-referent covers. Pooling the target, not upsampling the logits, keeps the
+the model's grids (heatmap at stride 8, mask logits at the mask stride; see
+`refseg_jax.models.pks`). Ground-truth masks arrive at S x S and are
+average-pooled onto the mask grid (`downsample_mask`), giving soft targets:
+the fraction of each cell the referent covers. Pooling the target, not upsampling the logits, keeps the
 loss as cheap as the head and never invents sub-cell detail the head cannot
 produce.
 """
@@ -150,9 +150,9 @@ def full_supervision_loss(
     (weighted total, {term: unweighted value}).
   """
   weights = {**DEFAULT_WEIGHTS, **(weights or {})}
-  grid = outputs['heatmap'].shape[1:]
-  target = gaussian_heatmap(batch['clicks'][:, 0], grid, sigma)
-  mask = downsample_mask(batch['mask'], grid)
+  target = gaussian_heatmap(batch['clicks'][:, 0],
+                           outputs['heatmap'].shape[1:], sigma)
+  mask = downsample_mask(batch['mask'], outputs['mask_logits'].shape[1:])
   terms = {
       'heatmap': focal_heatmap_loss(outputs['heatmap'], target),
       'box': box_l1_loss(outputs['box_at_centre'], batch['box']),

@@ -51,11 +51,17 @@ def default_config() -> ml_collections.ConfigDict:
   """The data section of a training config, with its defaults."""
   return ml_collections.ConfigDict({
       'name': 'ref_shapes',       # TFDS name[/config].
-      'data_dir': None,           # TFDS data dir; None = TFDS default.
+      # TFDS data dir; None = TFDS default. (Placeholders: None values that
+      # `--config.data.data_dir=...` can still set.)
+      'data_dir': ml_collections.config_dict.placeholder(str),
+      # Build the dataset first if it is missing (ref_shapes needs no
+      # download; manual-download datasets say which files they need).
+      'prepare': True,
       'image_size': 128,          # Side S of the square canvas.
       'eval_mask_size': 128,      # M >= every original side in eval splits.
       'max_text_len': 20,         # Tokens, [CLS] and [SEP] included.
-      'tokenizer': None,          # vocab.txt or local HF tokenizer directory.
+      # vocab.txt or local HF tokenizer directory; None = the dataset's own.
+      'tokenizer': ml_collections.config_dict.placeholder(str),
       'shuffle_buffer': 10_000,   # Expressions.
       'flip': True,               # Train-time horizontal flip.
   })
@@ -224,7 +230,8 @@ def _host_images(config: ml_collections.ConfigDict, split: str,
 
 def train_dataset(config: ml_collections.ConfigDict, supervision: str,
                   global_batch_size: int, seed: int, process_index: int = 0,
-                  process_count: int = 1) -> tf.data.Dataset:
+                  process_count: int = 1,
+                  skip_batches: int = 0) -> tf.data.Dataset:
   """Endless, shuffled training batches of this host's share of the data.
 
   Args:
@@ -234,6 +241,10 @@ def train_dataset(config: ml_collections.ConfigDict, supervision: str,
     seed: shuffling and flipping seed; the same seed gives the same order.
     process_index: this host.
     process_count: number of hosts.
+    skip_batches: batches to leave out at the start, so that a run resumed
+      at step N sees exactly the batches N, N+1, ... of an uninterrupted
+      one. Skipping happens before decoding, so it costs reading the
+      records only.
   """
   if supervision not in SUPERVISION_FIELDS:
     raise ValueError(f'Unknown supervision {supervision!r}; expected one of '
@@ -244,6 +255,8 @@ def train_dataset(config: ml_collections.ConfigDict, supervision: str,
   ds = ds.repeat().flat_map(_expressions)
   ds = ds.shuffle(config.shuffle_buffer, seed=seed)
   ds = ds.enumerate()  # A per-example index keeps random flips reproducible.
+  local_batch = _local_batch_size(global_batch_size, process_count)
+  ds = ds.skip(skip_batches * local_batch)
 
   def prepare(index, element):
     element = _decode(element, with_mask=supervision == 'full')
@@ -254,8 +267,7 @@ def train_dataset(config: ml_collections.ConfigDict, supervision: str,
     return _resize_and_pad(element, config.image_size)
 
   ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
-  ds = ds.batch(_local_batch_size(global_batch_size, process_count),
-                drop_remainder=True)
+  ds = ds.batch(local_batch, drop_remainder=True)
   ds = ds.map(lambda b: _tokenize(b, tokenizer, config.max_text_len),
               num_parallel_calls=tf.data.AUTOTUNE)
   fields = SUPERVISION_FIELDS[supervision]

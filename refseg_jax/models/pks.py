@@ -5,15 +5,17 @@ this is OUR FAITHFUL RECONSTRUCTION from the abstract's design: localisation
 and segmentation run in parallel, and language only ever reaches the
 localisation step.
 
-    image -> ResNet -> FPN neck (stages 2-4 -> stride 8, `dim` channels)
+    image -> ResNet -> FPN neck (stages 2-4 -> stride 8, `dim` channels;
+                                 + stage 1 -> stride 4 for the masks)
       |-- position branch: pixel-word attention with the BERT words, then
       |     centre heatmap logits [B, H, W] and box map [B, H, W, 4]
       |-- kernel branch (vision only): a CondInst kernel per location
-      '-- segmentation branch (vision only): mask features [B, H, W, 8]
+      '-- segmentation branch (vision only): mask features [B, H', W', 8]
     kernel at the centre -> dynamic mask head over the mask features
       -> mask logits [B, H, W]
 
-H, W = S / 8 throughout. Design choices:
+H, W = S / 8; H', W' = S / `mask_stride` (8, or 4 where small objects
+need finer masks). Design choices:
 
 * Fusion: pixel-word cross attention (masked by `text_mask`), then an
   element-wise product of the visual features with the attended words, as in
@@ -30,9 +32,9 @@ H, W = S / 8 throughout. Design choices:
   of every cell relative to the centre (canvas-normalised) pass through
   three 1x1 convs 10 -> 8 -> 8 -> 1 (ReLU between), whose 169 weights and
   biases are the kernel (`dynamic_param_count`).
-* Mask logits stay at stride 8: the losses average-pool the ground truth to
-  that grid (`refseg_jax.losses`); evaluation upsamples the logits
-  bilinearly to S.
+* Mask logits stay at the mask stride: the losses average-pool the ground
+  truth to that grid (`refseg_jax.losses`); evaluation upsamples the
+  logits bilinearly to S.
 * Centre: in training the ground-truth centre click (so the kernel branch
   learns from the right location even while the heatmap is poor); otherwise
   the heatmap argmax's cell centre. Either way no gradient flows through it.
@@ -165,21 +167,25 @@ def _conv(features: int, kernel: int, dtype: Dtype, name: str,
 
 
 class Neck(nn.Module):
-  """FPN-like top-down merge of stages 2-4 into one stride-8 map.
+  """FPN-like top-down merge of the ResNet stages into stride-8 and -4 maps.
 
   Attributes:
     dim: Output channels.
     dtype: Computation dtype.
+    with_stride4: Also merge stage 1 into a stride-4 map.
   """
 
   dim: int
   dtype: Dtype = jnp.float32
+  with_stride4: bool = False
 
   @nn.compact
-  def __call__(self, features: Dict[str, jax.Array]) -> jax.Array:
-    """Returns [B, H/8, W/8, dim] from the ResNet stage outputs."""
-    x = None
-    for stage in ('stage4', 'stage3', 'stage2'):
+  def __call__(self, features: Dict[str, jax.Array]) -> Dict[int, jax.Array]:
+    """{8: [B, S/8, S/8, dim]} (and 4: [B, S/4, S/4, dim]) from the stages."""
+    stages = ('stage4', 'stage3', 'stage2') + (
+        ('stage1',) if self.with_stride4 else ())
+    outputs, x = {}, None
+    for stage in stages:
       lateral = _conv(self.dim, 1, self.dtype, f'lateral_{stage}')(
           features[stage])
       if x is not None:
@@ -187,7 +193,12 @@ class Neck(nn.Module):
         x = jax.image.resize(x, lateral.shape, 'nearest')
         lateral = lateral + x
       x = lateral
-    return nn.relu(_conv(self.dim, 3, self.dtype, 'output')(x))
+      # Stage 2 is the stride-8 level, stage 1 the stride-4 one.
+      stride = {'stage2': 8, 'stage1': 4}.get(stage)
+      if stride:
+        name = 'output' if stride == 8 else 'output_stride4'
+        outputs[stride] = nn.relu(_conv(self.dim, 3, self.dtype, name)(x))
+    return outputs
 
 
 class PixelWordFusion(nn.Module):
@@ -235,6 +246,8 @@ class PKS(nn.Module):
     dim: Channels of the neck and branch features.
     mask_channels: Channels of the mask features and dynamic head.
     mask_layers: Number of 1x1 convs in the dynamic head.
+    mask_stride: Stride of the mask features and logits, 8 or 4 (the neck
+      then also merges ResNet stage 1).
     dtype: Computation dtype (e.g. jnp.bfloat16); params stay float32.
     frozen_bn: Always use the ResNet's BN running averages.
   """
@@ -245,8 +258,15 @@ class PKS(nn.Module):
   dim: int = 64
   mask_channels: int = 8
   mask_layers: int = 3
+  mask_stride: int = 8
   dtype: Dtype = jnp.float32
   frozen_bn: bool = False
+
+  def __post_init__(self):
+    if self.mask_stride not in (4, 8):
+      raise ValueError(f'PKS mask_stride must be 4 or 8, not '
+                       f'{self.mask_stride}.')
+    super().__post_init__()
 
   @nn.compact
   def __call__(self, images: jax.Array, text_tokens: jax.Array,
@@ -265,15 +285,17 @@ class PKS(nn.Module):
 
     Returns:
       float32 'heatmap' logits [B, H, W]; 'box' distance map [B, H, W, 4];
-      'box_at_centre' (ymin, xmin, ymax, xmax) [B, 4]; 'mask_logits'
-      [B, H, W]; 'mask_features' [B, H, W, mask_channels]; 'centre' [B, 2].
-      H, W = S / 8.
+      'box_at_centre' (ymin, xmin, ymax, xmax) [B, 4]; 'centre' [B, 2];
+      'mask_logits' [B, H', W'] and 'mask_features' [B, H', W',
+      mask_channels]. H, W = S / 8; H', W' = S / mask_stride.
     """
     features = resnet.ResNet(
         **resnet.PRESETS[self.resnet_preset], dtype=self.dtype,
         frozen_bn=self.frozen_bn, name='backbone')(
             normalise_images(images, self.dtype), train)
-    visual = Neck(self.dim, self.dtype, name='neck')(features)
+    levels = Neck(self.dim, self.dtype, self.mask_stride == 4,
+                  name='neck')(features)
+    visual = levels[8]
     words = bert.BertEncoder(
         bert.preset(self.bert_preset, self.vocab_size), self.dtype,
         name='text')(text_tokens, text_mask, train)['hidden']
@@ -290,8 +312,8 @@ class PKS(nn.Module):
     n_kernel = dynamic_param_count(self.mask_channels, self.mask_channels,
                                    self.mask_layers)
     kernels = _head(visual, self.dim, n_kernel, self.dtype, 'kernel')
-    mask_features = _head(visual, self.dim, self.mask_channels, self.dtype,
-                          'mask')
+    mask_features = _head(levels[self.mask_stride], self.dim,
+                          self.mask_channels, self.dtype, 'mask')
 
     if centre is None:
       centre = heatmap_peak(heatmap)

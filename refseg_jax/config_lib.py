@@ -1,0 +1,123 @@
+"""Shared pieces of the `configs/*.py` files: variant arguments, PKS configs.
+
+A config file's `get_config(arg)` takes a big_vision-style argument string,
+`configs/full.py:data=ref_shapes,model=tiny`, parsed by `parse_arg` against
+the variants the file offers; anything it does not know is an error that
+names the key and lists the choices.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import ml_collections
+
+from refseg_jax.data import pipeline
+
+# Named data variants: the data config entries each one sets.
+DATA_VARIANTS: dict[str, dict[str, Any]] = {
+    # The built-in benchmark (128 px, 70,787 training expressions).
+    'ref_shapes': dict(name='ref_shapes', image_size=128, eval_mask_size=128),
+    # Its 64 px, 240-image config, for tests and smoke runs.
+    'ref_shapes_tiny': dict(name='ref_shapes/tiny', image_size=64,
+                            eval_mask_size=64, shuffle_buffer=256),
+}
+
+# Named PKS model variants. 'tiny' trains on a 2-core CPU in minutes; the
+# others are the paper-scale backbones (ResNet-50/101 with BERT-base), which
+# want pretrained weights and an accelerator.
+PKS_MODEL_VARIANTS: dict[str, dict[str, Any]] = {
+    'tiny': dict(resnet_preset='tiny', bert_preset='tiny', dim=64),
+    'r50': dict(resnet_preset='resnet50', bert_preset='base', dim=256,
+                dtype='bfloat16'),
+    'r101': dict(resnet_preset='resnet101', bert_preset='base', dim=256,
+                 dtype='bfloat16'),
+}
+
+
+def parse_arg(arg: str | None, **defaults: str) -> ml_collections.ConfigDict:
+  """Parses 'key=value,key=value' against the allowed keys and defaults.
+
+  Args:
+    arg: the part of `--config` after the colon (None or '' = defaults).
+    **defaults: every allowed key with its default value.
+
+  Raises:
+    ValueError: naming an unknown key or a malformed item.
+  """
+  values = dict(defaults)
+  for item in filter(None, (arg or '').split(',')):
+    key, sep, value = item.partition('=')
+    if not sep:
+      raise ValueError(f'Config argument {item!r} is not key=value '
+                       f'(keys: {sorted(defaults)}).')
+    if key not in defaults:
+      raise ValueError(f'Unknown config argument {key!r}; known: '
+                       f'{sorted(defaults)}.')
+    values[key] = value
+  return ml_collections.ConfigDict(values)
+
+
+def choose(variants: Mapping[str, dict[str, Any]], name: str,
+           kind: str) -> dict[str, Any]:
+  """The variant `name`, or a ValueError listing the `kind`'s choices."""
+  if name not in variants:
+    raise ValueError(f'Unknown {kind} variant {name!r}; known: '
+                     f'{sorted(variants)}.')
+  return dict(variants[name])
+
+
+def pks_config(supervision: str, arg: str | None) -> ml_collections.ConfigDict:
+  """The training config of a PKS model under `supervision`.
+
+  Args:
+    supervision: 'full' or 'click'.
+    arg: variant string with keys `data` (see `DATA_VARIANTS`) and `model`
+      (see `PKS_MODEL_VARIANTS`).
+
+  Returns:
+    A locked ConfigDict: setting a key it does not have is an error.
+  """
+  args = parse_arg(arg, data='ref_shapes', model='tiny')
+  config = ml_collections.ConfigDict()
+  config.supervision = supervision
+  config.seed = 0
+
+  config.data = pipeline.default_config()
+  config.data.update(choose(DATA_VARIANTS, args.data, 'data'))
+
+  config.model = ml_collections.ConfigDict(dict(
+      name='pks', resnet_preset='tiny', bert_preset='tiny', dim=64,
+      mask_channels=8, mask_layers=3, mask_stride=4, dtype='float32',
+      frozen_bn=False))
+  config.model.update(choose(PKS_MODEL_VARIANTS, args.model, 'model'))
+
+  # Loss weights, full supervision (see refseg_jax.losses.DEFAULT_WEIGHTS).
+  config.loss = ml_collections.ConfigDict(dict(
+      heatmap=1.0, box=5.0, dice=1.0, bce=1.0, heatmap_sigma=1.0))
+
+  config.batch_size = 32            # Global, over all hosts and devices.
+  config.total_steps = 2_000
+  config.optimizer = ml_collections.ConfigDict(dict(
+      learning_rate=2e-3, weight_decay=1e-4, b1=0.9, b2=0.999,
+      warmup_steps=100, end_learning_rate_fraction=0.01, grad_clip_norm=1.0,
+      # Learning-rate multipliers of top-level modules (pretrained encoders
+      # usually train slower); unlisted modules train at 1x.
+      lr_multipliers=dict(backbone=1.0, text=1.0)))
+
+  # Devices as [(axis, size)], -1 = the rest; batches split over every axis,
+  # parameters >= fsdp_min_size elements sharded over `fsdp_axis`.
+  config.mesh = [('data', -1)]
+  config.fsdp_axis = ''
+  config.fsdp_min_size = 2**14
+
+  config.log_every_steps = 50
+  config.checkpoint_every_steps = 500
+  config.keep_checkpoints = 2
+  config.eval = ml_collections.ConfigDict(dict(
+      splits=('validation',),           # Evaluated periodically and at the end.
+      final_splits=('validation', 'test', 'test_novel'),
+      every_steps=1_000, batch_size=64, num_overlays=8,
+      best_split='validation'))         # Its mIoU picks the best checkpoint.
+  config.lock()
+  return config

@@ -1,0 +1,47 @@
+r"""Trains and evaluates a referring segmentation model.
+
+    python -m refseg_jax.main --config=configs/full.py --workdir=/tmp/full \
+        [--config.total_steps=500]
+
+Several hosts (a TPU pod, or processes on one machine) run the same command
+with `--distributed` (TPU pods and SLURM find each other) or with
+`--coordinator_address=HOST:PORT --num_processes=N --process_id=I`.
+"""
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+from ml_collections import config_flags
+
+from refseg_jax import train
+
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', None, 'Config file, optionally with a variant: FILE:ARG.',
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string(
+    'workdir', None, 'Checkpoints, logs and results; a run resumes from it.')
+_DISTRIBUTED = flags.DEFINE_bool(
+    'distributed', False, 'Call jax.distributed.initialize() with the '
+    "cluster's auto-detected settings.")
+_COORDINATOR = flags.DEFINE_string(
+    'coordinator_address', None, 'HOST:PORT of process 0 (implies '
+    '--distributed).')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Host count.')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, "This host's index.")
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  if _DISTRIBUTED.value or _COORDINATOR.value:
+    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value,
+                               _PROCESS_ID.value)
+  logging.info('JAX: %d hosts, %d devices (%s).', jax.process_count(),
+               jax.device_count(), jax.devices()[0].platform)
+  train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == '__main__':
+  app.run(main)
