@@ -16,6 +16,7 @@ setuptools.setup(
     install_requires=[
         'absl-py>=2.5,<3',
         'clu==0.0.12',
+        'etils[epath]>=1.15,<2',
         'flax>=0.12.8,<0.13',
         # TFDS needs it at run time without declaring it.
         'importlib_resources>=7.1,<8',
@@ -30,6 +31,8 @@ setuptools.setup(
         'tensorflow-cpu>=2.21,<2.22; platform_system == "Linux"',
         'tensorflow>=2.21,<2.22; platform_system != "Linux"',
         'tensorflow-datasets>=4.9.10,<4.10',
+        # clu's TensorBoard writer needs it; tensorflow-cpu does not bring it.
+        'tensorboard>=2.21,<2.22',
         # 5.x: BertTokenizerFast(vocab=...) (4.x called it vocab_file).
         'transformers>=5.23,<6',
     ],

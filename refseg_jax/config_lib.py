@@ -8,9 +8,12 @@ names the key and lists the choices.
 
 from __future__ import annotations
 
+import importlib.util
+import os
 from typing import Any, Mapping
 
 import ml_collections
+from ml_collections import config_dict
 
 from refseg_jax.data import pipeline
 
@@ -27,7 +30,7 @@ DATA_VARIANTS: dict[str, dict[str, Any]] = {
 # others are the paper-scale backbones (ResNet-50/101 with BERT-base), which
 # want pretrained weights and an accelerator.
 PKS_MODEL_VARIANTS: dict[str, dict[str, Any]] = {
-    'tiny': dict(resnet_preset='tiny', bert_preset='tiny', dim=64),
+    'tiny': dict(resnet_preset='tiny', bert_preset='tiny', dim=32),
     'r50': dict(resnet_preset='resnet50', bert_preset='base', dim=256,
                 dtype='bfloat16'),
     'r101': dict(resnet_preset='resnet101', bert_preset='base', dim=256,
@@ -88,7 +91,8 @@ def pks_config(supervision: str, arg: str | None) -> ml_collections.ConfigDict:
 
   config.model = ml_collections.ConfigDict(dict(
       name='pks', resnet_preset='tiny', bert_preset='tiny', dim=64,
-      mask_channels=8, mask_layers=3, mask_stride=4, dtype='float32',
+      mask_channels=8, mask_layers=3, mask_stride=4, context_layers=1,
+      text_dropout=config_dict.placeholder(float), dtype='float32',
       frozen_bn=False))
   config.model.update(choose(PKS_MODEL_VARIANTS, args.model, 'model'))
 
@@ -121,3 +125,17 @@ def pks_config(supervision: str, arg: str | None) -> ml_collections.ConfigDict:
       best_split='validation'))         # Its mIoU picks the best checkpoint.
   config.lock()
   return config
+
+
+def load(spec: str) -> ml_collections.ConfigDict:
+  """The config of 'path/to/config.py[:arg]', as `--config=` reads it.
+
+  For notebooks and tests: `load('configs/full.py:data=ref_shapes_tiny')`.
+  """
+  path, _, arg = spec.partition(':')
+  module_spec = importlib.util.spec_from_file_location('_refseg_config', path)
+  if module_spec is None or not os.path.exists(path):
+    raise FileNotFoundError(f'No config file {path!r}.')
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg or None)

@@ -8,6 +8,8 @@ with `--distributed` (TPU pods and SLURM find each other) or with
 `--coordinator_address=HOST:PORT --num_processes=N --process_id=I`.
 """
 
+import logging as std_logging
+
 from absl import app
 from absl import flags
 from absl import logging
@@ -32,9 +34,15 @@ _PROCESS_ID = flags.DEFINE_integer('process_id', None, "This host's index.")
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
+def _quiet_orbax(record) -> bool:
+  """Drops orbax's INFO lines (dozens per save); keeps its warnings."""
+  return record.levelno >= std_logging.WARNING or '/orbax/' not in record.pathname
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  logging.get_absl_handler().addFilter(_quiet_orbax)
   if _DISTRIBUTED.value or _COORDINATOR.value:
     jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value,
                                _PROCESS_ID.value)

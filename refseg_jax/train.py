@@ -27,16 +27,15 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import signal
 import threading
 import time
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from absl import logging
 from clu import metric_writers
 from clu import periodic_actions
-import flax
+from etils import epath
 from flax.training import train_state
 import jax
 from jax.experimental import multihost_utils
@@ -240,7 +239,11 @@ class PreemptionWatcher:
   def __init__(self):
     self._requested = threading.Event()
     self._multihost = jax.process_count() > 1
-    if not self._multihost:
+    # Only the main thread may set handlers (a notebook may train in another
+    # thread; it then has no preemption handling).
+    self._handler = (not self._multihost and
+                     threading.current_thread() is threading.main_thread())
+    if self._handler:
       signal.signal(signal.SIGTERM, lambda *_: self._requested.set())
 
   def should_stop(self, step: int, manager: ocp.CheckpointManager) -> bool:
@@ -249,7 +252,7 @@ class PreemptionWatcher:
     return self._requested.is_set()
 
   def close(self) -> None:
-    if not self._multihost:
+    if self._handler:
       signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
@@ -340,23 +343,22 @@ class Evaluator:
     return total.compute(), picture
 
 
-def _write_json(path: str, value: Any) -> None:
+def _write_json(path: epath.Path, value: Any) -> None:
   """Writes JSON atomically (a reader never sees half a file)."""
-  tmp = f'{path}.tmp'
-  with open(tmp, 'w') as f:
-    json.dump(value, f, indent=2)
-  os.replace(tmp, path)
+  tmp = path.with_name(path.name + '.tmp')
+  tmp.write_text(json.dumps(value, indent=2))
+  tmp.replace(path)
 
 
-def _checkpoint_managers(workdir: str, config: ml_collections.ConfigDict
+def _checkpoint_managers(workdir: epath.Path, config: ml_collections.ConfigDict
                          ) -> tuple[ocp.CheckpointManager,
                                     ocp.CheckpointManager]:
   latest = ocp.CheckpointManager(
-      os.path.join(workdir, 'checkpoints'),
+      workdir / 'checkpoints',
       options=ocp.CheckpointManagerOptions(
           max_to_keep=config.keep_checkpoints, create=True))
   best = ocp.CheckpointManager(
-      os.path.join(workdir, 'best'),
+      workdir / 'best',
       options=ocp.CheckpointManagerOptions(
           max_to_keep=1, best_fn=lambda m: m['mIoU'], best_mode='max',
           create=True))
@@ -364,25 +366,84 @@ def _checkpoint_managers(workdir: str, config: ml_collections.ConfigDict
 
 
 def _log_eval(writer, step: int, split: str, values: Mapping[str, float],
-              picture: Image.Image | None, workdir: str) -> None:
+              picture: Image.Image | None, workdir: epath.Path) -> None:
   writer.write_scalars(step, {f'{split}/{k}': v for k, v in values.items()})
   logging.info('step %d %s: %s', step, split, ', '.join(
       f'{k} {v:.4g}' for k, v in values.items()))
   if picture is not None and jax.process_index() == 0:
     writer.write_images(step, {f'{split}/overlays': np.asarray(picture)[None]})
-    directory = os.path.join(workdir, 'overlays')
-    os.makedirs(directory, exist_ok=True)
-    picture.save(os.path.join(directory, f'{split}_step{step:06d}.png'))
+    directory = workdir / 'overlays'
+    directory.mkdir(parents=True, exist_ok=True)
+    with (directory / f'{split}_step{step:06d}.png').open('wb') as f:
+      picture.save(f, format='PNG')
+
+
+class _TrainWindow:
+  """Train metrics since the last log line, and their throughput."""
+
+  def __init__(self, batch_size: int):
+    self._batch_size = batch_size
+    self.restart()
+
+  def restart(self) -> None:
+    self._metrics, self._start = [], time.perf_counter()
+
+  def add(self, step_metrics: Mapping[str, jax.Array]) -> None:
+    self._metrics.append(step_metrics)
+
+  def write(self, writer, step: int) -> None:
+    """Writes the window's means and examples/s, and starts a new one."""
+    if not self._metrics:
+      return
+    means = jax.tree.map(lambda *x: float(np.mean(x)),
+                         *jax.device_get(self._metrics))
+    elapsed = time.perf_counter() - self._start
+    means['examples_per_sec'] = len(self._metrics) * self._batch_size / elapsed
+    means['step_time_ms'] = 1e3 * elapsed / len(self._metrics)
+    writer.write_scalars(step, {f'train/{k}': v for k, v in means.items()})
+    self.restart()
+
+
+def _compile(train_step, state: TrainState, batch: Batch, writer,
+             step: int):
+  """Compiles the train step ahead of time, logging how long it took."""
+  start = time.perf_counter()
+  compiled = train_step.lower(state, batch).compile()
+  seconds = time.perf_counter() - start
+  writer.write_scalars(step, {'compile_time_s': seconds})
+  logging.info('Train step compiled in %.1f s.', seconds)
+  return compiled
+
+
+def _evaluate(evaluator: Evaluator, state: TrainState, step: int,
+              splits: Sequence[str], writer, workdir: epath.Path,
+              best: ocp.CheckpointManager, best_split: str
+              ) -> dict[str, dict[str, float]]:
+  """Evaluates and logs `splits`; keeps the params if `best_split` improved."""
+  results = {}
+  for split in splits:
+    results[split], picture = evaluator.evaluate(state, split)
+    _log_eval(writer, step, split, results[split], picture, workdir)
+  if best_split in results:
+    best.save(step, args=ocp.args.StandardSave(
+        {'params': state.params, 'batch_stats': state.batch_stats}),
+              metrics=results[best_split])
+  return results
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict,
                        workdir: str) -> TrainState:
   """Trains (resuming from `workdir` if it holds a checkpoint) and evaluates.
 
+  Args:
+    config: a training config (`configs/*.py`).
+    workdir: a local or remote (e.g. gs://) directory, shared by all hosts.
+
   Returns:
     The final (or, after SIGTERM, the last saved) train state.
   """
-  os.makedirs(workdir, exist_ok=True)
+  workdir = epath.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
   if config.data.prepare:
     build.build(config.data.name, config.data.data_dir)
   mesh = sharding.make_mesh(config.mesh)
@@ -396,11 +457,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     logging.info('Resumed from %s at step %d.', latest.directory,
                  int(state.step))
   start_step = int(state.step)
+  if start_step >= config.total_steps:
+    logging.info('%s is already trained to step %d; nothing to do.',
+                 workdir, start_step)
+    return state
 
   writer = metric_writers.create_default_writer(
-      workdir, just_logging=jax.process_index() > 0)
+      str(workdir), just_logging=jax.process_index() > 0)
   if jax.process_index() == 0:
-    _write_json(os.path.join(workdir, 'config.json'), config.to_dict())
+    _write_json(workdir / 'config.json', config.to_dict())
   num_params = sum(x.size for x in jax.tree.leaves(state.params))
   logging.info('Mesh %s; %d parameters; %d devices over %d hosts.',
                dict(mesh.shape), num_params, jax.device_count(),
@@ -421,49 +486,32 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     latest.save(step, args=ocp.args.StandardSave(state), force=True)
 
   try:
-    pending, window, window_start = None, [], time.perf_counter()
+    pending, window = None, _TrainWindow(config.batch_size)
     for step in range(start_step + 1, config.total_steps + 1):
       batch = sharding.global_batch(next(batches), batch_sharding)
       if step == start_step + 1:
-        compile_start = time.perf_counter()
-        train_step = train_step.lower(state, batch).compile()
-        compile_time = time.perf_counter() - compile_start
-        writer.write_scalars(step, {'compile_time_s': compile_time})
-        logging.info('Train step compiled in %.1f s.', compile_time)
-        window_start = time.perf_counter()
+        train_step = _compile(train_step, state, batch, writer, step)
+        window.restart()
       state, step_metrics = train_step(state, batch)
-      # Checking the previous step keeps the host one step ahead.
+      # Checking the previous step's loss keeps the host one step ahead.
       if pending is not None:
         _check_finite(*pending)
       pending = (step, step_metrics)
-      window.append(step_metrics)
+      window.add(step_metrics)
       report(step)
-
-      if step % config.log_every_steps == 0 or step == config.total_steps:
-        _check_finite(*pending)
-        means = jax.tree.map(lambda *x: float(np.mean(x)),
-                             *jax.device_get(window))
-        elapsed = time.perf_counter() - window_start
-        means['examples_per_sec'] = len(window) * config.batch_size / elapsed
-        writer.write_scalars(step, {f'train/{k}': v for k, v in means.items()})
-        window, window_start = [], time.perf_counter()
-
       is_last = step == config.total_steps
+      if is_last or step % config.log_every_steps == 0:
+        _check_finite(*pending)
+        window.write(writer, step)
+
       if is_last or step % config.eval.every_steps == 0:
         _check_finite(*pending)
         splits = config.eval.final_splits if is_last else config.eval.splits
-        results = {}
-        for split in splits:
-          results[split], picture = evaluator.evaluate(state, split)
-          _log_eval(writer, step, split, results[split], picture, workdir)
-        if config.eval.best_split in results:
-          best.save(step, args=ocp.args.StandardSave(
-              {'params': state.params, 'batch_stats': state.batch_stats}),
-                    metrics=results[config.eval.best_split])
+        results = _evaluate(evaluator, state, step, splits, writer, workdir,
+                            best, config.eval.best_split)
         if is_last and jax.process_index() == 0:
-          _write_json(os.path.join(workdir, 'results.json'),
-                      {**results, 'step': step})
-        window_start = time.perf_counter()  # Evaluation is not train time.
+          _write_json(workdir / 'results.json', {**results, 'step': step})
+        window.restart()  # Evaluation is not train time.
 
       if is_last or step % config.checkpoint_every_steps == 0:
         _check_finite(*pending)

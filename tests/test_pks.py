@@ -184,3 +184,40 @@ def test_adam_steps_reduce_full_supervision_loss(setup):
   for rng in jax.random.split(jax.random.key(1), 25):
     params, opt_state, _ = step(params, opt_state, rng)
   assert eval_loss(params) < 0.7 * before
+
+
+def test_centre_snaps_to_its_cell(setup):
+  """Any point of a cell selects that cell's kernel and coordinates."""
+  _, variables, apply, batch = setup
+  run = lambda c: apply(variables, batch['image'], TOKENS, TEXT_MASK,
+                        centre=jnp.asarray(c, jnp.float32))
+  # Cells are 1/8 wide: (0.26, 0.3) and (0.37, 0.255) share cell (2, 2).
+  a, b = run([[0.26, 0.3]] * 2), run([[0.37, 0.255]] * 2)
+  np.testing.assert_allclose(a['centre'], [[0.3125, 0.3125]] * 2)
+  np.testing.assert_array_equal(a['mask_logits'], b['mask_logits'])
+
+
+def test_stride4_masks_and_bad_stride():
+  model = pks.PKS(vocab_size=VOCAB, dim=16, mask_stride=4, frozen_bn=True)
+  batch = _batch()
+  out, _ = model.init_with_output(jax.random.key(0), batch['image'], TOKENS,
+                                  TEXT_MASK, train=False,
+                                  centre=batch['clicks'][:, 0])
+  assert out['mask_logits'].shape == (2, SIZE // 4, SIZE // 4)
+  assert out['heatmap'].shape == (2, GRID, GRID)
+  # The stride-4 full-supervision targets are pooled to that grid.
+  assert np.isfinite(losses.full_supervision_loss(out, batch)[0])
+  with pytest.raises(ValueError, match='mask_stride must be 4 or 8, not 2'):
+    pks.PKS(vocab_size=VOCAB, mask_stride=2)
+
+
+@pytest.mark.parametrize('layers', [0, 1])
+def test_spatial_context_lets_far_cells_interact(layers):
+  """With a layer, changing one corner cell changes the opposite corner."""
+  context = pks.SpatialContext(layers)
+  x = jax.random.normal(jax.random.key(0), (1, 4, 4, 8))
+  params = context.init(jax.random.key(1), x)
+  y = context.apply(params, x)
+  y2 = context.apply(params, x.at[0, 0, 0].multiply(-3.0))
+  far_change = float(jnp.abs(y2[0, 3, 3] - y[0, 3, 3]).max())
+  assert (far_change > 1e-3) == (layers > 0)

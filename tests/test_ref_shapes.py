@@ -34,9 +34,12 @@ def _regenerate(builder, split, record):
 
 
 def test_building_twice_gives_identical_files(tiny_builder, tmp_path):
-  # In a new process: protobuf's map order, for one, changes between them.
-  subprocess.run([sys.executable, '-m', 'refseg_jax.data.build',
-                  '--dataset=ref_shapes/tiny', f'--data_dir={tmp_path}'],
+  # In a new process (protobuf's map order, for one, changes between them),
+  # rendering in worker processes where the fixture used none.
+  subprocess.run([sys.executable, '-c', (
+      'from refseg_jax.data import build, ref_shapes\n'
+      'ref_shapes._MIN_IMAGES_PER_WORKER = 20\n'
+      f'build.build("ref_shapes/tiny", {str(tmp_path)!r})')],
                  check=True, capture_output=True)
   again = tfds.builder('ref_shapes/tiny', data_dir=str(tmp_path))
   shards = sorted(p.name for p in tiny_builder.data_path.iterdir()

@@ -82,7 +82,8 @@ def test_two_processes_on_loopback_build_one_global_batch():
   worker = pathlib.Path(__file__).with_name('multihost_worker.py')
   env = dict(os.environ, PYTHONPATH=str(worker.parents[1]))
   env.pop('XLA_FLAGS', None)
-  processes = [subprocess.Popen([sys.executable, str(worker), str(i), port],
+  processes = [subprocess.Popen([sys.executable, str(worker), str(i), port,
+                                 'batch'],
                                 stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, env=env)
                for i in range(2)]

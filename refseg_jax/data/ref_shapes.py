@@ -16,7 +16,10 @@ Build: `python -m refseg_jax.data.build --dataset=ref_shapes/tiny`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.resources
+import multiprocessing
+import os
 from typing import Mapping
 
 import numpy as np
@@ -40,6 +43,9 @@ _SPECIAL_TOKENS = ('[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]')
 # Keeps ids disjoint across splits and sentence ids within int32.
 _IMAGE_ID_BASE = {split: i * 1_000_000 for i, split in enumerate(SPLITS)}
 _MAX_OBJECTS = 10  # Object and ref ids are image_id * _MAX_OBJECTS + index.
+# Below this many images per worker, starting processes costs more than
+# it saves.
+_MIN_IMAGES_PER_WORKER = 2_000
 
 
 @dataclasses.dataclass
@@ -86,7 +92,7 @@ def make_example(config: RefShapesConfig, split: str, index: int
     objects.append({
         'id': object_id,
         'box': tfds.features.BBox(*box),
-        'mask': mask[..., None].astype(np.uint8),
+        'mask': features_lib.png_bytes(mask),
         'category': obj.shape,
         'clicks': features_lib.clicks_from_mask_and_box(mask, box),
         'refs': [{'id': object_id,
@@ -94,8 +100,12 @@ def make_example(config: RefShapesConfig, split: str, index: int
                   'sentence': sentence}
                  for s, sentence in enumerate(sentences.get(k, []))],
     })
-  example = {'image': scene.image, 'image/id': image_id, 'objects': objects}
+  example = {'image': features_lib.png_bytes(scene.image), 'image/id': image_id, 'objects': objects}
   return scene, sentences, example
+
+
+def _tfds_example(config: RefShapesConfig, split: str, index: int) -> dict:
+  return make_example(config, split, index)[2]
 
 
 class RefShapes(tfds.core.GeneratorBasedBuilder):
@@ -130,5 +140,15 @@ class RefShapes(tfds.core.GeneratorBasedBuilder):
     return {split: self._generate_examples(split) for split in SPLITS}
 
   def _generate_examples(self, split: str):
-    for index in range(self.builder_config.num_images[split]):
-      yield index, make_example(self.builder_config, split, index)[2]
+    count = self.builder_config.num_images[split]
+    generate = functools.partial(_tfds_example, self.builder_config, split)
+    workers = min(os.cpu_count() or 1, max(1, count // _MIN_IMAGES_PER_WORKER))
+    if workers == 1:
+      yield from enumerate(map(generate, range(count)))
+      return
+    # Scenes are independent, so worker processes render them ('spawn':
+    # forking a process that runs TensorFlow is unsafe). imap keeps the
+    # order, and each image's RNG depends only on (seed, split, index), so
+    # the records do not depend on the number of workers.
+    with multiprocessing.get_context('spawn').Pool(workers) as pool:
+      yield from enumerate(pool.imap(generate, range(count), chunksize=64))

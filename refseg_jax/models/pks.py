@@ -8,7 +8,8 @@ localisation step.
     image -> ResNet -> FPN neck (stages 2-4 -> stride 8, `dim` channels;
                                  + stage 1 -> stride 4 for the masks)
       |-- position branch: pixel-word attention with the BERT words, then
-      |     centre heatmap logits [B, H, W] and box map [B, H, W, 4]
+      |     transformer layers over the grid (relations need the whole
+      |     image), centre heatmap logits [B, H, W] and box map [B, H, W, 4]
       |-- kernel branch (vision only): a CondInst kernel per location
       '-- segmentation branch (vision only): mask features [B, H', W', 8]
     kernel at the centre -> dynamic mask head over the mask features
@@ -35,9 +36,11 @@ need finer masks). Design choices:
 * Mask logits stay at the mask stride: the losses average-pool the ground
   truth to that grid (`refseg_jax.losses`); evaluation upsamples the
   logits bilinearly to S.
-* Centre: in training the ground-truth centre click (so the kernel branch
-  learns from the right location even while the heatmap is poor); otherwise
-  the heatmap argmax's cell centre. Either way no gradient flows through it.
+* Centre: in training the cell holding the ground-truth centre click (so
+  the kernel branch learns from the right location even while the heatmap
+  is poor); otherwise the heatmap's argmax cell. Either way the kernel and
+  the relative coordinates come from that cell's centre, and no gradient
+  flows through the choice.
 """
 
 from __future__ import annotations
@@ -202,7 +205,7 @@ class Neck(nn.Module):
 
 
 class PixelWordFusion(nn.Module):
-  """Pixel-word cross attention, then a PWAM-style element-wise product.
+  """Pixel-word cross attention and the sentence gate the visual features.
 
   Attributes:
     dim: Channels of the visual features and of the output.
@@ -225,8 +228,51 @@ class PixelWordFusion(nn.Module):
     logits = logits / jnp.sqrt(self.dim) + bert.attention_bias(text_mask)
     attn = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
     context = jnp.einsum('bhwl,bld->bhwd', attn, v)
-    fused = visual * dense('context')(context)
-    return nn.relu(dense('output')(fused))
+    # The whole sentence also gates every pixel (FiLM-like): a pixel's own
+    # words say what it may be, the sentence which attributes are asked for.
+    valid = text_mask.astype(self.dtype)[..., None]
+    sentence = (words * valid).sum(1) / jnp.maximum(valid.sum(1), 1)
+    gate = (dense('context')(context)
+            + dense('sentence')(sentence)[:, None, None, :])
+    return nn.relu(dense('output')(visual * gate))
+
+
+class SpatialContext(nn.Module):
+  """Pre-LN transformer encoder layers over the cells of the fused grid.
+
+  Relations ('left of the green star') and absolute locations ('the
+  topmost') need the whole image: these layers let every cell see every
+  other, with the cell's position added first (a conv stack only knows
+  position from padding).
+
+  Attributes:
+    layers: Number of encoder layers (0 = position only).
+    heads: Attention heads.
+    dtype: Computation dtype.
+  """
+
+  layers: int
+  heads: int = 2
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """[B, H, W, D] -> [B, H, W, D]."""
+    batch, height, width, dim = x.shape
+    position = nn.Dense(dim, dtype=self.dtype, param_dtype=jnp.float32,
+                        name='position')(cell_centres(height, width) * 2 - 1)
+    x = (x + position).reshape(batch, height * width, dim)
+    for i in range(self.layers):
+      y = nn.LayerNorm(dtype=self.dtype, name=f'ln_attention_{i}')(x)
+      x = x + nn.MultiHeadDotProductAttention(
+          self.heads, dtype=self.dtype, param_dtype=jnp.float32,
+          name=f'attention_{i}')(y, y)
+      y = nn.LayerNorm(dtype=self.dtype, name=f'ln_mlp_{i}')(x)
+      y = nn.gelu(nn.Dense(2 * dim, dtype=self.dtype, param_dtype=jnp.float32,
+                           name=f'mlp_in_{i}')(y))
+      x = x + nn.Dense(dim, dtype=self.dtype, param_dtype=jnp.float32,
+                       name=f'mlp_out_{i}')(y)
+    return x.reshape(batch, height, width, dim)
 
 
 def _head(x: jax.Array, dim: int, out: int, dtype: Dtype, name: str,
@@ -248,6 +294,9 @@ class PKS(nn.Module):
     mask_layers: Number of 1x1 convs in the dynamic head.
     mask_stride: Stride of the mask features and logits, 8 or 4 (the neck
       then also merges ResNet stage 1).
+    context_layers: Transformer layers over the fused grid before the
+      position heads (`SpatialContext`).
+    text_dropout: BERT's dropout rates; None keeps the preset's (0.1).
     dtype: Computation dtype (e.g. jnp.bfloat16); params stay float32.
     frozen_bn: Always use the ResNet's BN running averages.
   """
@@ -259,6 +308,8 @@ class PKS(nn.Module):
   mask_channels: int = 8
   mask_layers: int = 3
   mask_stride: int = 8
+  context_layers: int = 1
+  text_dropout: Optional[float] = None
   dtype: Dtype = jnp.float32
   frozen_bn: bool = False
 
@@ -296,12 +347,17 @@ class PKS(nn.Module):
     levels = Neck(self.dim, self.dtype, self.mask_stride == 4,
                   name='neck')(features)
     visual = levels[8]
+    dropout = {} if self.text_dropout is None else dict(
+        hidden_dropout_prob=self.text_dropout,
+        attention_probs_dropout_prob=self.text_dropout)
     words = bert.BertEncoder(
-        bert.preset(self.bert_preset, self.vocab_size), self.dtype,
+        bert.preset(self.bert_preset, self.vocab_size, **dropout), self.dtype,
         name='text')(text_tokens, text_mask, train)['hidden']
 
     fused = PixelWordFusion(self.dim, self.dtype, name='fusion')(
         visual, words, text_mask)
+    fused = SpatialContext(self.context_layers, dtype=self.dtype,
+                           name='context')(fused)
     heatmap = _head(fused, self.dim, 1, self.dtype, 'heatmap',
                     nn.initializers.constant(_HEATMAP_PRIOR_BIAS))
     heatmap = heatmap[..., 0].astype(jnp.float32)
@@ -317,8 +373,11 @@ class PKS(nn.Module):
 
     if centre is None:
       centre = heatmap_peak(heatmap)
-    centre = jax.lax.stop_gradient(centre.astype(jnp.float32))
-    iy, ix = point_to_cell(centre, *heatmap.shape[1:])
+    iy, ix = point_to_cell(centre.astype(jnp.float32), *heatmap.shape[1:])
+    # The centre of the chosen cell, as at inference (the heatmap peak is a
+    # cell): the relative coordinates the mask head learns from must be the
+    # ones it will see.
+    centre = cell_centres(*heatmap.shape[1:])[iy, ix]
     kernel = kernels[jnp.arange(kernels.shape[0]), iy, ix]
     mask_logits = dynamic_mask_head(mask_features, kernel, centre,
                                     self.mask_channels, self.mask_layers)

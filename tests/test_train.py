@@ -1,0 +1,297 @@
+"""The training system: configs, optimizer, sharded steps, checkpoints.
+
+Steps on different meshes and hosts are compared on the same global batches
+(`train_batches`); the end-to-end tests run `train_and_evaluate` or the
+`refseg_jax.main` command on the tiny ref_shapes.
+"""
+
+import json
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from refseg_jax import config_lib
+from refseg_jax import sharding
+from refseg_jax import train
+from refseg_jax.data import pipeline
+
+REPO = pathlib.Path(__file__).parents[1]
+FULL_CONFIG = str(REPO / 'configs' / 'full.py')
+NUM_STEPS = 3
+
+
+def tiny_train_config(data_dir: str, **overrides) -> ml_collections.ConfigDict:
+  """configs/full.py's 64 px variant reading `data_dir`, short runs."""
+  config = config_lib.load(f'{FULL_CONFIG}:data=ref_shapes_tiny')
+  config.data.data_dir = data_dir
+  config.data.prepare = False
+  config.batch_size = 8
+  config.total_steps = 8
+  config.optimizer.warmup_steps = 2
+  config.log_every_steps = 4
+  config.checkpoint_every_steps = 4
+  config.eval.every_steps = 1000
+  config.eval.batch_size = 64
+  config.eval.final_splits = ('validation',)
+  config.eval.num_overlays = 4
+  config.update_from_flattened_dict(overrides)
+  return config
+
+
+@pytest.fixture(scope='module')
+def train_config(tiny_data_dir):
+  return tiny_train_config(tiny_data_dir)
+
+
+@pytest.fixture(scope='module')
+def train_batches(train_config):
+  """NUM_STEPS global batches of the tiny training data, on the host."""
+  ds = pipeline.train_dataset(train_config.data, 'full',
+                              train_config.batch_size, seed=0)
+  return list(ds.take(NUM_STEPS).as_numpy_iterator())
+
+
+def run_steps(config, mesh, batches):
+  """Losses and final params of training on `batches` over `mesh`."""
+  model = train.create_model(config.model, 43)
+  state, shardings = train.create_train_state(config, model, mesh)
+  step = train.make_train_step(config, model, mesh, shardings)
+  batch_sharding = sharding.batch_sharding(mesh)
+  losses = []
+  for batch in batches:
+    state, metrics = step(state, sharding.global_batch(batch, batch_sharding))
+    losses.append(float(metrics['loss']))
+  return np.array(losses), jax.device_get(state.params), state
+
+
+def test_unknown_variant_or_key_is_a_clear_error(tiny_data_dir, tmp_path):
+  with pytest.raises(ValueError, match="data variant 'coco'.*ref_shapes"):
+    config_lib.load(f'{FULL_CONFIG}:data=coco')
+  with pytest.raises(ValueError, match="Unknown config argument 'size'"):
+    config_lib.load(f'{FULL_CONFIG}:size=3')
+  config = tiny_train_config(tiny_data_dir)
+  with pytest.raises(AttributeError, match='learning_rte'):
+    config.optimizer.learning_rte = 1.0
+  # The command line refuses an unknown override, naming it.
+  result = subprocess.run(
+      _main_command(tmp_path, tiny_data_dir, '--config.totl_steps=3'),
+      capture_output=True, text=True, env=_subprocess_env(), check=False)
+  assert result.returncode != 0
+  assert 'Did you mean "total_steps" instead of "totl_steps"' in result.stderr
+  assert not (tmp_path / 'checkpoints').exists()
+
+
+def test_schedule_warms_up_then_decays(train_config):
+  schedule = train.learning_rate_schedule(train_config.optimizer, 100)
+  peak = train_config.optimizer.learning_rate
+  np.testing.assert_allclose(schedule(0), 0.0)
+  np.testing.assert_allclose(schedule(1), peak / 2, rtol=1e-6)
+  np.testing.assert_allclose(schedule(2), peak, rtol=1e-6)
+  np.testing.assert_allclose(
+      schedule(100), peak * train_config.optimizer.end_learning_rate_fraction,
+      rtol=1e-5)
+  assert schedule(50) < schedule(10)
+
+
+def test_learning_rate_multipliers_scale_module_updates(train_config):
+  opt_config = train_config.optimizer.copy_and_resolve_references()
+  opt_config.warmup_steps = 0
+  opt_config.weight_decay = 0.0
+  opt_config.lr_multipliers = {'backbone': 0.0, 'text': 0.5}
+  params = {'backbone': {'w': jnp.ones((2, 2))},
+            'text': {'w': jnp.ones((2, 2))}, 'neck': {'w': jnp.ones((2, 2))}}
+  grads = jax.tree.map(lambda x: 0.01 * x, params)
+  tx = train.make_optimizer(opt_config, total_steps=10)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  # Adam's first step moves every weight by the learning rate (sign of g).
+  lr = opt_config.learning_rate
+  np.testing.assert_allclose(updates['backbone']['w'], 0.0)
+  np.testing.assert_allclose(updates['text']['w'], -0.5 * lr, rtol=1e-4)
+  np.testing.assert_allclose(updates['neck']['w'], -lr, rtol=1e-4)
+
+
+@pytest.fixture(scope='module')
+def one_device_run(train_config, train_batches):
+  mesh = sharding.make_mesh([('data', 1)], jax.devices()[:1])
+  return run_steps(train_config, mesh, train_batches)
+
+
+@pytest.mark.parametrize('axes', [[('data', 8)], [('data', 4), ('fsdp', 2)]])
+def test_meshes_match_one_device(train_config, train_batches, one_device_run,
+                                 axes):
+  """Same losses and params, up to float32 reduction order: 1e-5 relative
+  on the losses, 1e-3 of the learning rate on the params. (Adam's first
+  steps move every weight by about the learning rate whatever its gradient's
+  size, so reduction-order noise on a near-zero gradient shows up at that
+  scale; measured up to 1.1e-4 of it.)"""
+  config = train_config.copy_and_resolve_references()
+  if len(axes) == 2:
+    config.fsdp_axis = 'fsdp'
+    config.fsdp_min_size = 2**10
+  mesh = sharding.make_mesh(axes)
+  losses, params, state = run_steps(config, mesh, train_batches)
+  expected_losses, expected_params, _ = one_device_run
+  np.testing.assert_allclose(losses, expected_losses, rtol=1e-5)
+  atol = 1e-3 * config.optimizer.learning_rate
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=atol),
+               params, expected_params)
+  if len(axes) == 2:  # The big kernels really are split over 'fsdp'.
+    kernel = state.params['kernel_out']['kernel']
+    assert 'fsdp' in kernel.sharding.spec
+    assert kernel.addressable_shards[0].data.size == kernel.size // 2
+
+
+def _free_port() -> str:
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return str(s.getsockname()[1])
+
+
+def _subprocess_env() -> dict[str, str]:
+  return dict(os.environ, PYTHONPATH=str(REPO))
+
+
+def test_two_processes_match_one(train_config, train_batches, tmp_path):
+  """Two processes x 4 CPU devices, joined on loopback, each feeding half of
+  every global batch, train like one process with 8 devices."""
+  batches_path = tmp_path / 'batches.npz'
+  np.savez(batches_path, **{f'{i}/{k}': v for i, b in enumerate(train_batches)
+                            for k, v in b.items()})
+  worker = REPO / 'tests' / 'multihost_worker.py'
+  port = _free_port()
+  env = _subprocess_env()
+  env.pop('XLA_FLAGS', None)
+  processes = [subprocess.Popen(
+      [sys.executable, str(worker), str(i), port, 'train',
+       train_config.data.data_dir, str(batches_path)],
+      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+               for i in range(2)]
+  outputs = [p.communicate(timeout=300)[0] for p in processes]
+  mesh = sharding.make_mesh([('data', 8)])
+  expected, _, _ = run_steps(train_config, mesh, train_batches)
+  for process, output in zip(processes, outputs):
+    assert process.returncode == 0, output
+    result = [json.loads(line[len('LOSSES '):])
+              for line in output.splitlines() if line.startswith('LOSSES ')]
+    assert len(result) == 1, output
+    np.testing.assert_allclose(result[0], expected, rtol=1e-5)
+
+
+def _restore_params(workdir: pathlib.Path, step: int):
+  with ocp.CheckpointManager(workdir / 'checkpoints') as manager:
+    restored = manager.restore(step, args=ocp.args.StandardRestore())
+  return restored['params'], int(restored['step'])
+
+
+def _main_command(workdir, data_dir, *overrides: str) -> list[str]:
+  return [sys.executable, '-m', 'refseg_jax.main',
+          f'--config={FULL_CONFIG}:data=ref_shapes_tiny',
+          f'--workdir={workdir}', f'--config.data.data_dir={data_dir}',
+          '--config.data.prepare=False', '--config.batch_size=8',
+          '--config.optimizer.warmup_steps=2',
+          '--config.eval.final_splits=validation', *overrides]
+
+
+def _wait_for(path: pathlib.Path, process: subprocess.Popen,
+              timeout: float = 240) -> None:
+  deadline = time.time() + timeout
+  while not path.exists():
+    if process.poll() is not None:
+      raise AssertionError(f'Exited before {path}:\n{process.stdout.read()}')
+    if time.time() > deadline:
+      process.kill()
+      raise AssertionError(f'No {path} after {timeout} s.')
+    time.sleep(0.05)
+
+
+@pytest.fixture(scope='module')
+def uninterrupted_run(train_config, tmp_path_factory):
+  workdir = tmp_path_factory.mktemp('uninterrupted')
+  config = train_config.copy_and_resolve_references()
+  config.total_steps = 8
+  train.train_and_evaluate(config, str(workdir))
+  return workdir
+
+
+def test_run_writes_results_overlays_and_best(uninterrupted_run):
+  results = json.loads((uninterrupted_run / 'results.json').read_text())
+  assert results['step'] == 8
+  assert set(results) == {'validation', 'step'}
+  validation = results['validation']
+  assert validation['num_expressions'] == 160  # Every tiny expression.
+  for key in ('mIoU', 'oIoU', 'prec@0.5', 'prec@0.9', 'PointM'):
+    assert 0.0 <= validation[key] <= 1.0
+  assert validation['prec@0.5'] >= validation['prec@0.9']
+  assert (uninterrupted_run / 'overlays' / 'validation_step000008.png').exists()
+  with ocp.CheckpointManager(uninterrupted_run / 'best') as best:
+    assert best.best_step() == 8
+  _, step = _restore_params(uninterrupted_run, 8)
+  assert step == 8
+
+
+def test_kill_and_resume_equals_uninterrupted(uninterrupted_run, tmp_path,
+                                              train_config):
+  """8 steps = 4 steps + SIGKILL + resume from the step-4 checkpoint +
+  4 steps, bit for bit (same data order, dropout keys and optimizer
+  state)."""
+  workdir = tmp_path / 'interrupted'
+  command = _main_command(workdir, train_config.data.data_dir,
+                          '--config.total_steps=8',
+                          '--config.checkpoint_every_steps=4')
+  process = subprocess.Popen(command, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True,
+                             env=_subprocess_env())
+  _wait_for(workdir / 'checkpoints' / '4', process)
+  process.kill()
+  process.wait()
+  assert not (workdir / 'checkpoints' / '8').exists()
+  assert not (workdir / 'results.json').exists()
+  config = train_config.copy_and_resolve_references()
+  config.total_steps = 8
+  train.train_and_evaluate(config, str(workdir))
+  resumed, step = _restore_params(workdir, 8)
+  expected, _ = _restore_params(uninterrupted_run, 8)
+  assert step == 8
+  jax.tree.map(np.testing.assert_array_equal, resumed, expected)
+  assert (json.loads((workdir / 'results.json').read_text())
+          == json.loads((uninterrupted_run / 'results.json').read_text()))
+
+
+def test_sigterm_saves_a_restorable_checkpoint_and_exits(tmp_path,
+                                                         train_config):
+  workdir = tmp_path / 'preempted'
+  command = _main_command(workdir, train_config.data.data_dir,
+                          '--config.total_steps=100000',
+                          '--config.checkpoint_every_steps=2')
+  process = subprocess.Popen(command, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True,
+                             env=_subprocess_env())
+  _wait_for(workdir / 'checkpoints' / '2', process)
+  process.send_signal(signal.SIGTERM)
+  output = process.communicate(timeout=120)[0]
+  assert process.returncode == 0, output
+  assert 'Preempted: saved step' in output
+  with ocp.CheckpointManager(workdir / 'checkpoints') as manager:
+    last = manager.latest_step()
+  assert 2 <= last < 100000
+  _, step = _restore_params(workdir, last)
+  assert step == last
+
+
+def test_non_finite_loss_stops_naming_the_step(train_config, tmp_path):
+  config = train_config.copy_and_resolve_references()
+  config.loss.box = float('nan')
+  with pytest.raises(FloatingPointError, match='loss nan at step 1'):
+    train.train_and_evaluate(config, str(tmp_path))
+  assert not (tmp_path / 'checkpoints' / '4').exists()
