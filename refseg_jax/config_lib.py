@@ -30,7 +30,8 @@ DATA_VARIANTS: dict[str, dict[str, Any]] = {
 # others are the paper-scale backbones (ResNet-50/101 with BERT-base), which
 # want pretrained weights and an accelerator.
 PKS_MODEL_VARIANTS: dict[str, dict[str, Any]] = {
-    'tiny': dict(resnet_preset='tiny', bert_preset='tiny', dim=32),
+    'tiny': dict(resnet_preset='tiny', bert_preset='tiny', dim=32,
+                 text_dropout=0.0),
     'r50': dict(resnet_preset='resnet50', bert_preset='base', dim=256,
                 dtype='bfloat16'),
     'r101': dict(resnet_preset='resnet101', bert_preset='base', dim=256,
@@ -101,7 +102,7 @@ def pks_config(supervision: str, arg: str | None) -> ml_collections.ConfigDict:
       heatmap=1.0, box=5.0, dice=1.0, bce=1.0, heatmap_sigma=1.0))
 
   config.batch_size = 32            # Global, over all hosts and devices.
-  config.total_steps = 2_000
+  config.total_steps = 1_300
   config.optimizer = ml_collections.ConfigDict(dict(
       learning_rate=2e-3, weight_decay=1e-4, b1=0.9, b2=0.999,
       warmup_steps=100, end_learning_rate_fraction=0.01, grad_clip_norm=1.0,

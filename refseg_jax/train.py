@@ -301,7 +301,8 @@ def overlay_grid(batch: Mapping[str, np.ndarray], response: np.ndarray,
     iou = (pred & true).sum() / max((pred | true).sum(), 1)
     picture = visualize.overlay(
         batch['image'][i, :h, :w],
-        [(true, visualize.TRUE_COLOUR), (pred, visualize.PREDICTED_COLOUR)])
+        [(true, visualize.TRUE_COLOUR), (pred, visualize.PREDICTED_COLOUR)],
+        dim=0.6)
     panels.append((picture, f'{batch["sentence"][i].decode()} '
                             f'(IoU {100 * iou:.0f})'))
   if not panels:

@@ -144,8 +144,15 @@ def test_meshes_match_one_device(train_config, train_batches, one_device_run,
   expected_losses, expected_params, _ = one_device_run
   np.testing.assert_allclose(losses, expected_losses, rtol=1e-5)
   atol = 1e-3 * config.optimizer.learning_rate
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=atol),
-               params, expected_params)
+  def check(path, a, b):
+    name = jax.tree_util.keystr(path)
+    # An attention key's bias adds the same logit to every key of a query,
+    # which the softmax cancels: its true gradient is exactly 0, so Adam
+    # scales pure rounding noise up to steps; nothing to compare.
+    if "['key']['bias']" not in name:
+      np.testing.assert_allclose(a, b, atol=atol, err_msg=name)
+
+  jax.tree_util.tree_map_with_path(check, params, expected_params)
   if len(axes) == 2:  # The big kernels really are split over 'fsdp'.
     kernel = state.params['kernel_out']['kernel']
     assert 'fsdp' in kernel.sharding.spec
@@ -162,9 +169,10 @@ def _subprocess_env() -> dict[str, str]:
   return dict(os.environ, PYTHONPATH=str(REPO))
 
 
-def test_two_processes_match_one(train_config, train_batches, tmp_path):
+def test_two_processes_match_one(train_config, train_batches, one_device_run,
+                                 tmp_path):
   """Two processes x 4 CPU devices, joined on loopback, each feeding half of
-  every global batch, train like one process with 8 devices."""
+  every global batch, train like one process (same losses to 1e-5)."""
   batches_path = tmp_path / 'batches.npz'
   np.savez(batches_path, **{f'{i}/{k}': v for i, b in enumerate(train_batches)
                             for k, v in b.items()})
@@ -178,8 +186,7 @@ def test_two_processes_match_one(train_config, train_batches, tmp_path):
       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
                for i in range(2)]
   outputs = [p.communicate(timeout=300)[0] for p in processes]
-  mesh = sharding.make_mesh([('data', 8)])
-  expected, _, _ = run_steps(train_config, mesh, train_batches)
+  expected = one_device_run[0]
   for process, output in zip(processes, outputs):
     assert process.returncode == 0, output
     result = [json.loads(line[len('LOSSES '):])

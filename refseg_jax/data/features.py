@@ -72,13 +72,15 @@ def png_bytes(array: np.ndarray) -> bytes:
   """PNG encoding of a uint8 [H, W, 3] image or [H, W(, 1)] mask.
 
   Builders pass these bytes to TFDS instead of arrays: PIL encodes a small
-  image several times faster than the TensorFlow op TFDS would run per
-  array, which dominated build time.
+  image faster than the TensorFlow op TFDS would run per array, and the
+  fastest zlib level (1) cuts build time by a fifth for a few percent more
+  disk.
   """
+  array = np.asarray(array, np.uint8)
+  if array.ndim == 3 and array.shape[-1] == 1:
+    array = array[..., 0]
   buffer = io.BytesIO()
-  Image.fromarray(np.asarray(array, np.uint8).squeeze(-1)
-                  if array.ndim == 3 and array.shape[-1] == 1
-                  else np.asarray(array, np.uint8)).save(buffer, format='PNG')
+  Image.fromarray(array).save(buffer, format='PNG', compress_level=1)
   return buffer.getvalue()
 
 

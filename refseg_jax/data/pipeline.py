@@ -149,7 +149,10 @@ def _resize_and_pad(element: dict, size: int) -> dict:
   content = tf.clip_by_value(content, 1, size)
 
   def fit(image, method):
-    resized = tf.image.resize(image, content, method=method, antialias=True)
+    # Images already at the canvas size (ref_shapes) skip a costly no-op.
+    resized = tf.cond(
+        tf.reduce_all(content == orig), lambda: image,
+        lambda: tf.image.resize(image, content, method=method, antialias=True))
     return tf.image.pad_to_bounding_box(resized, 0, 0, size, size)
 
   image = fit(tf.cast(element['image'], tf.float32), 'bilinear')
