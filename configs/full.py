@@ -3,9 +3,9 @@ r"""PKS with full (mask) supervision.
     python -m refseg_jax.main --config=configs/full.py --workdir=/tmp/full
 
 Default (`data=ref_shapes,model=tiny`): the built-in 128 px benchmark with a
-tiny ResNet + BERT, on a 2-core CPU in about 7 minutes (dataset build
-included on first use); validation mIoU ~70 (see README.md for the
-measured figures).
+tiny ResNet + BERT, 1,300 steps of batch 32. Measured on a 2-core CPU: about
+8 minutes for the run (2 of them building the dataset on first use) and
+validation mIoU 66.0, PointM 78.4 (README.md has every figure).
 
 Variants, big_vision style, after a colon:
 

@@ -194,7 +194,7 @@ def make_train_step(config: ml_collections.ConfigDict, model: pks.PKS,
     new_state = state.apply_gradients(
         grads=grads, batch_stats=updates.get('batch_stats', {}))
     step_metrics = {'loss': total, **terms,
-                    'grad_norm': optax.global_norm(grads),
+                    'grad_norm': optax.tree.norm(grads),
                     'learning_rate': schedule(state.step)}
     return new_state, step_metrics
 
