@@ -461,6 +461,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   if start_step >= config.total_steps:
     logging.info('%s is already trained to step %d; nothing to do.',
                  workdir, start_step)
+    latest.close()
+    best.close()
     return state
 
   writer = metric_writers.create_default_writer(
@@ -525,7 +527,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
         break
   finally:
     watcher.close()
-    latest.wait_until_finished()
-    best.wait_until_finished()
-    writer.flush()
+    latest.close()  # Waits for the saves in flight.
+    best.close()
+    writer.close()
   return state
