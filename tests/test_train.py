@@ -210,9 +210,18 @@ def _main_command(workdir, data_dir, *overrides: str) -> list[str]:
           '--config.eval.final_splits=validation', *overrides]
 
 
-def _wait_for(path: pathlib.Path, process: subprocess.Popen,
-              timeout: float = 240) -> None:
-  deadline = time.time() + timeout
+def _start_main_until_checkpoint(workdir: pathlib.Path, data_dir: str,
+                                 every: int, *overrides: str,
+                                 timeout: float = 240) -> subprocess.Popen:
+  """Starts the main command, checkpointing every `every` steps, and
+  returns it running once its first checkpoint is complete."""
+  process = subprocess.Popen(
+      _main_command(workdir, data_dir,
+                    f'--config.checkpoint_every_steps={every}', *overrides),
+      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+      env=_subprocess_env())
+  # Orbax renames a checkpoint into place once it is complete.
+  path, deadline = workdir / 'checkpoints' / str(every), time.time() + timeout
   while not path.exists():
     if process.poll() is not None:
       raise AssertionError(f'Exited before {path}:\n{process.stdout.read()}')
@@ -220,6 +229,7 @@ def _wait_for(path: pathlib.Path, process: subprocess.Popen,
       process.kill()
       raise AssertionError(f'No {path} after {timeout} s.')
     time.sleep(0.05)
+  return process
 
 
 @pytest.fixture(scope='module')
@@ -253,13 +263,8 @@ def test_kill_and_resume_equals_uninterrupted(uninterrupted_run, tmp_path,
   4 steps, bit for bit (same data order, dropout keys and optimizer
   state)."""
   workdir = tmp_path / 'interrupted'
-  command = _main_command(workdir, train_config.data.data_dir,
-                          '--config.total_steps=8',
-                          '--config.checkpoint_every_steps=4')
-  process = subprocess.Popen(command, stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True,
-                             env=_subprocess_env())
-  _wait_for(workdir / 'checkpoints' / '4', process)
+  process = _start_main_until_checkpoint(
+      workdir, train_config.data.data_dir, 4, '--config.total_steps=8')
   process.kill()
   process.wait()
   assert not (workdir / 'checkpoints' / '8').exists()
@@ -278,13 +283,8 @@ def test_kill_and_resume_equals_uninterrupted(uninterrupted_run, tmp_path,
 def test_sigterm_saves_a_restorable_checkpoint_and_exits(tmp_path,
                                                          train_config):
   workdir = tmp_path / 'preempted'
-  command = _main_command(workdir, train_config.data.data_dir,
-                          '--config.total_steps=100000',
-                          '--config.checkpoint_every_steps=2')
-  process = subprocess.Popen(command, stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True,
-                             env=_subprocess_env())
-  _wait_for(workdir / 'checkpoints' / '2', process)
+  process = _start_main_until_checkpoint(
+      workdir, train_config.data.data_dir, 2, '--config.total_steps=100000')
   process.send_signal(signal.SIGTERM)
   output = process.communicate(timeout=120)[0]
   assert process.returncode == 0, output
