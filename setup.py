@@ -21,6 +21,8 @@ setuptools.setup(
         # TFDS needs it at run time without declaring it.
         'importlib_resources>=7.1,<8',
         'jax>=0.10.2,<0.11',
+        # The benchmarks' plots.
+        'matplotlib>=3.11,<3.12',
         'ml-collections>=1.1,<1.2',
         'numpy>=2.4,<2.5',
         'optax>=0.2.8,<0.3',

@@ -1,4 +1,4 @@
-"""Losses for PKS-style referring segmentation (full supervision).
+"""Losses for PKS-style referring segmentation, full and click supervision.
 
 Conventions: points and boxes are canvas-normalised (fractions of the canvas
 side S) as in `refseg_jax.data.pipeline`; heatmaps and mask logits live on
@@ -8,6 +8,13 @@ average-pooled onto the mask grid (`downsample_mask`), giving soft targets:
 the fraction of each cell the referent covers. Pooling the target, not upsampling the logits, keeps the
 loss as cheap as the head and never invents sub-cell detail the head cannot
 produce.
+
+Click supervision (BoxInst, Tian et al. CVPR 2021, as AdelaiDet's CondInst
+implements it) never reads a mask: the heatmap and box heads learn from the
+clicks as under full supervision, and the mask head from the box the corner
+clicks span (projection loss), from colour affinity between neighbouring
+cells inside that box (pairwise loss), and from the centre click as a
+positive point.
 """
 
 from __future__ import annotations
@@ -21,6 +28,8 @@ import optax
 from refseg_jax.models import pks
 
 DEFAULT_WEIGHTS = {'heatmap': 1.0, 'box': 5.0, 'dice': 1.0, 'bce': 1.0}
+CLICK_DEFAULT_WEIGHTS = {'heatmap': 1.0, 'box': 5.0, 'projection': 1.0,
+                         'pairwise': 1.0, 'point': 1.0}
 _EPS = 1e-5
 
 
@@ -84,6 +93,15 @@ def _masked_mean(per_example: jax.Array,
   return (per_example * valid).sum() / jnp.maximum(valid.sum(), 1.0)
 
 
+def _dice_per_example(prob: jax.Array, target: jax.Array) -> jax.Array:
+  """1 - 2|pt| / (|p|^2 + |t|^2) [B] of probabilities and targets [B, ...]."""
+  prob = prob.reshape(prob.shape[0], -1)
+  target = target.astype(jnp.float32).reshape(prob.shape)
+  inter = (prob * target).sum(-1)
+  union = (prob**2).sum(-1) + (target**2).sum(-1)
+  return 1 - 2 * inter / (union + _EPS)
+
+
 def dice_loss(mask_logits: jax.Array, mask: jax.Array,
               valid: Optional[jax.Array] = None) -> jax.Array:
   """CondInst's Dice loss, 1 - 2|pm| / (|p|^2 + |m|^2), per example.
@@ -96,12 +114,8 @@ def dice_loss(mask_logits: jax.Array, mask: jax.Array,
   Returns:
     Scalar loss: 0 for a perfect mask, 1 for a disjoint one (up to eps).
   """
-  prob = jax.nn.sigmoid(mask_logits.astype(jnp.float32)).reshape(
-      mask_logits.shape[0], -1)
-  mask = mask.astype(jnp.float32).reshape(prob.shape)
-  inter = (prob * mask).sum(-1)
-  union = (prob**2).sum(-1) + (mask**2).sum(-1)
-  return _masked_mean(1 - 2 * inter / (union + _EPS), valid)
+  prob = jax.nn.sigmoid(mask_logits.astype(jnp.float32))
+  return _masked_mean(_dice_per_example(prob, mask), valid)
 
 
 def bce_loss(mask_logits: jax.Array, mask: jax.Array,
@@ -160,4 +174,189 @@ def full_supervision_loss(
       'bce': bce_loss(outputs['mask_logits'], mask),
   }
   total = sum(weights[k] * v for k, v in terms.items())
+  return total, terms
+
+
+# sRGB (D65) -> CIE XYZ, and the D65 white point, as skimage.color.rgb2lab.
+_RGB_TO_XYZ = ((0.412453, 0.357580, 0.180423),
+               (0.212671, 0.715160, 0.072169),
+               (0.019334, 0.119193, 0.950227))
+_D65_WHITE = (0.95047, 1.0, 1.08883)
+
+
+def rgb_to_lab(rgb: jax.Array) -> jax.Array:
+  """CIE L*a*b* [..., 3] of sRGB colours [..., 3] in [0, 1] (skimage's)."""
+  rgb = rgb.astype(jnp.float32)
+  linear = jnp.where(rgb > 0.04045, ((rgb + 0.055) / 1.055)**2.4, rgb / 12.92)
+  xyz = linear @ jnp.asarray(_RGB_TO_XYZ).T / jnp.asarray(_D65_WHITE)
+  f = jnp.where(xyz > 0.008856, jnp.cbrt(xyz), 7.787 * xyz + 16.0 / 116.0)
+  return jnp.stack([116.0 * f[..., 1] - 16.0,
+                    500.0 * (f[..., 0] - f[..., 1]),
+                    200.0 * (f[..., 1] - f[..., 2])], axis=-1)
+
+
+def _interval_coverage(low: jax.Array, high: jax.Array, cells: int
+                       ) -> jax.Array:
+  """Fraction [B, cells] of each of `cells` equal cells of [0, 1] that
+  the intervals [low, high] ([B] each) cover."""
+  edges = jnp.arange(cells + 1, dtype=jnp.float32) / cells
+  overlap = (jnp.minimum(high[:, None], edges[None, 1:])
+             - jnp.maximum(low[:, None], edges[None, :-1]))
+  return jnp.clip(overlap * cells, 0.0, 1.0)
+
+
+def box_coverage(box: jax.Array, shape: Tuple[int, int]) -> jax.Array:
+  """Fraction [B, H, W] of each grid cell inside canvas-normalised boxes.
+
+  The soft analogue of `downsample_mask` for a box-shaped mask, so that
+  boxes of a few pixels still reach the coarse mask grid.
+  """
+  rows = _interval_coverage(box[:, 0], box[:, 2], shape[0])
+  cols = _interval_coverage(box[:, 1], box[:, 3], shape[1])
+  return rows[:, :, None] * cols[:, None, :]
+
+
+def projection_loss(mask_logits: jax.Array, box: jax.Array) -> jax.Array:
+  """BoxInst's projection loss: the mask's projections match the box's.
+
+  Dice between the maximum of the mask probability over rows and the box's
+  extent along x, plus the same along y: zero for any mask that touches
+  every row and column of the box and nothing outside it.
+
+  Args:
+    mask_logits: [B, H, W].
+    box: [B, 4] canvas-normalised (ymin, xmin, ymax, xmax).
+
+  Returns:
+    Scalar loss in [0, 2].
+  """
+  prob = jax.nn.sigmoid(mask_logits.astype(jnp.float32))
+  target = box_coverage(box, mask_logits.shape[1:])
+  return (_dice_per_example(prob.max(axis=1), target.max(axis=1)).mean()
+          + _dice_per_example(prob.max(axis=2), target.max(axis=2)).mean())
+
+
+def _neighbour(x: jax.Array, dy: int, dx: int) -> Tuple[jax.Array, jax.Array]:
+  """x[:, i + dy, j + dx] at every (i, j) of x [B, H, W, ...] (zero outside),
+  and whether that neighbour lies inside the grid, [H, W]."""
+  height, width = x.shape[1:3]
+  pad = max(abs(dy), abs(dx))
+  padded = jnp.pad(x, [(0, 0), (pad, pad), (pad, pad)]
+                   + [(0, 0)] * (x.ndim - 3))
+  shifted = padded[:, pad + dy:pad + dy + height, pad + dx:pad + dx + width]
+  rows = jnp.arange(height)[:, None] + dy
+  cols = jnp.arange(width)[None, :] + dx
+  inside = (rows >= 0) & (rows < height) & (cols >= 0) & (cols < width)
+  return shifted, inside
+
+
+def neighbour_offsets(size: int = 3, dilation: int = 2
+                      ) -> list[Tuple[int, int]]:
+  """(dy, dx) of a size x size neighbourhood with `dilation`, centre left
+  out (BoxInst: 3 x 3, dilation 2 -> 8 offsets)."""
+  half = size // 2
+  return [(dilation * i, dilation * j)
+          for i in range(-half, half + 1) for j in range(-half, half + 1)
+          if (i, j) != (0, 0)]
+
+
+def pairwise_colour_loss(mask_logits: jax.Array, images: jax.Array,
+                         box: jax.Array, size: int = 3, dilation: int = 2,
+                         threshold: float = 0.3) -> jax.Array:
+  """BoxInst's pairwise loss: similar-coloured neighbours share a label.
+
+  The images are average-pooled to the mask grid and converted to L*a*b*;
+  a pair of cells (i, j) counts when i lies in the box (coverage >= 0.5)
+  and their colour similarity exp(-|lab_i - lab_j| / 2) >= `threshold`.
+  Each counted pair costs -log P(same label) = -log(p_i p_j + (1 - p_i)
+  (1 - p_j)); the loss is their mean.
+
+  Args:
+    mask_logits: [B, H, W].
+    images: uint8 [B, S, S, 3], S a multiple of H and W.
+    box: [B, 4] canvas-normalised (ymin, xmin, ymax, xmax).
+    size: Neighbourhood side.
+    dilation: Spacing of the neighbourhood, in cells.
+    threshold: Colour similarity a pair needs to count.
+
+  Returns:
+    Scalar loss (0 when no pair counts).
+  """
+  batch, height, width = mask_logits.shape
+  side_y, side_x = images.shape[1:3]
+  pooled = images.astype(jnp.float32).reshape(
+      batch, height, side_y // height, width, side_x // width, 3).mean((2, 4))
+  lab = rgb_to_lab(pooled / 255.0)
+  in_box = box_coverage(box, (height, width)) >= 0.5
+  logits = mask_logits.astype(jnp.float32)
+  log_fg, log_bg = jax.nn.log_sigmoid(logits), jax.nn.log_sigmoid(-logits)
+  total, count = 0.0, 0.0
+  for dy, dx in neighbour_offsets(size, dilation):
+    lab_j, inside = _neighbour(lab, dy, dx)
+    similarity = jnp.exp(-jnp.linalg.norm(lab - lab_j, axis=-1) * 0.5)
+    weight = ((similarity >= threshold) & in_box & inside).astype(jnp.float32)
+    log_same = jnp.logaddexp(log_fg + _neighbour(log_fg, dy, dx)[0],
+                             log_bg + _neighbour(log_bg, dy, dx)[0])
+    total += (-log_same * weight).sum()
+    count += weight.sum()
+  return total / jnp.maximum(count, 1.0)
+
+
+def point_loss(mask_logits: jax.Array, point: jax.Array) -> jax.Array:
+  """Mean -log p of the mask cell holding each canvas-normalised point."""
+  batch, height, width = mask_logits.shape
+  iy, ix = pks.point_to_cell(point, height, width)
+  logits = mask_logits[jnp.arange(batch), iy, ix].astype(jnp.float32)
+  return -jnp.mean(jax.nn.log_sigmoid(logits))
+
+
+def linear_warmup(step: jax.Array, warmup_steps: int) -> jax.Array:
+  """min(step / warmup_steps, 1); 1 throughout when warmup_steps is 0."""
+  if warmup_steps <= 0:
+    return jnp.ones((), jnp.float32)
+  return jnp.minimum(jnp.asarray(step, jnp.float32) / warmup_steps, 1.0)
+
+
+def click_supervision_loss(
+    outputs: Mapping[str, jax.Array], batch: Mapping[str, jax.Array],
+    step: jax.Array, weights: Optional[Mapping[str, float]] = None,
+    sigma: float = 1.0, pairwise_size: int = 3, pairwise_dilation: int = 2,
+    colour_threshold: float = 0.3, pairwise_warmup_steps: int = 10_000
+) -> Tuple[jax.Array, Dict[str, jax.Array]]:
+  """Click-supervised PKS loss: no term reads a mask.
+
+  Focal heatmap on the centre click, L1 on the box the corner clicks span,
+  BoxInst projection and pairwise losses on the mask (the pairwise term
+  ramps in linearly over `pairwise_warmup_steps`), and the centre click as
+  a positive mask point.
+
+  Args:
+    outputs: `PKS` outputs, run with `centre=batch['clicks'][:, 0]`.
+    batch: A 'click' batch (image, clicks, box = the corner clicks' span).
+    step: The training step, for the pairwise warm-up.
+    weights: Per-term weights keyed as `CLICK_DEFAULT_WEIGHTS`.
+    sigma: Standard deviation of the heatmap target, in cells.
+    pairwise_size: Neighbourhood side of the pairwise term.
+    pairwise_dilation: Its dilation, in mask cells.
+    colour_threshold: L*a*b* similarity a neighbour pair needs to count.
+    pairwise_warmup_steps: Steps over which the pairwise weight ramps.
+
+  Returns:
+    (weighted total, {term: unweighted value}).
+  """
+  weights = {**CLICK_DEFAULT_WEIGHTS, **(weights or {})}
+  mask_logits = outputs['mask_logits']
+  target = gaussian_heatmap(batch['clicks'][:, 0],
+                            outputs['heatmap'].shape[1:], sigma)
+  terms = {
+      'heatmap': focal_heatmap_loss(outputs['heatmap'], target),
+      'box': box_l1_loss(outputs['box_at_centre'], batch['box']),
+      'projection': projection_loss(mask_logits, batch['box']),
+      'pairwise': pairwise_colour_loss(
+          mask_logits, batch['image'], batch['box'], pairwise_size,
+          pairwise_dilation, colour_threshold),
+      'point': point_loss(mask_logits, batch['clicks'][:, 0]),
+  }
+  scale = {'pairwise': linear_warmup(step, pairwise_warmup_steps)}
+  total = sum(weights[k] * scale.get(k, 1.0) * v for k, v in terms.items())
   return total, terms

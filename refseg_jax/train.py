@@ -14,6 +14,7 @@ What `workdir` ends up holding:
     overlays/             predictions drawn over images at each evaluation
     config.json           the config the run used
     results.json          final evaluation, {split: {metric: value}, "step": N}
+    eval_history.json     every evaluation, [{"step", "split", metric: value}]
     events.out.tfevents*  TensorBoard scalars and overlays (clu writers)
 
 A resumed run continues from the latest checkpoint at the same step on the
@@ -156,13 +157,23 @@ def create_train_state(config: ml_collections.ConfigDict, model: pks.PKS,
 
 
 def loss_function(config: ml_collections.ConfigDict) -> Callable[..., Any]:
-  """(model outputs, batch) -> (total, terms) for `config.supervision`."""
-  if config.supervision != 'full':
-    raise ValueError(f'Unknown config.supervision {config.supervision!r}; '
-                     "known: ['full'].")
-  weights = {k: config.loss[k] for k in losses.DEFAULT_WEIGHTS}
-  return functools.partial(losses.full_supervision_loss, weights=weights,
-                           sigma=config.loss.heatmap_sigma)
+  """(model outputs, batch, step) -> (total, terms) for `config.supervision`."""
+  loss = config.loss
+  if config.supervision == 'full':
+    full = functools.partial(
+        losses.full_supervision_loss, sigma=loss.heatmap_sigma,
+        weights={k: loss[k] for k in losses.DEFAULT_WEIGHTS})
+    return lambda outputs, batch, step: full(outputs, batch)
+  if config.supervision == 'click':
+    return functools.partial(
+        losses.click_supervision_loss, sigma=loss.heatmap_sigma,
+        weights={k: loss[k] for k in losses.CLICK_DEFAULT_WEIGHTS},
+        pairwise_size=loss.pairwise_size,
+        pairwise_dilation=loss.pairwise_dilation,
+        colour_threshold=loss.colour_threshold,
+        pairwise_warmup_steps=loss.pairwise_warmup_steps)
+  raise ValueError(f'Unknown config.supervision {config.supervision!r}; '
+                   "known: ['click', 'full'].")
 
 
 def make_train_step(config: ml_collections.ConfigDict, model: pks.PKS,
@@ -186,7 +197,7 @@ def make_train_step(config: ml_collections.ConfigDict, model: pks.PKS,
           batch['image'], batch['text_tokens'], batch['text_mask'],
           train=True, centre=batch['clicks'][:, 0], rngs={'dropout': rng},
           mutable=['batch_stats'])
-      total, terms = loss_fn(outputs, batch)
+      total, terms = loss_fn(outputs, batch, state.step)
       return total, (terms, updates)
 
     (total, (terms, updates)), grads = jax.value_and_grad(
@@ -351,6 +362,13 @@ def _write_json(path: epath.Path, value: Any) -> None:
   tmp.replace(path)
 
 
+def _append_history(path: epath.Path, entry: Mapping[str, Any]) -> None:
+  """Adds `entry` to the JSON list at `path` (rewritten whole: gs:// files
+  cannot be appended to)."""
+  history = json.loads(path.read_text()) if path.exists() else []
+  _write_json(path, history + [dict(entry)])
+
+
 def _checkpoint_managers(workdir: epath.Path, config: ml_collections.ConfigDict
                          ) -> tuple[ocp.CheckpointManager,
                                     ocp.CheckpointManager]:
@@ -371,6 +389,9 @@ def _log_eval(writer, step: int, split: str, values: Mapping[str, float],
   writer.write_scalars(step, {f'{split}/{k}': v for k, v in values.items()})
   logging.info('step %d %s: %s', step, split, ', '.join(
       f'{k} {v:.4g}' for k, v in values.items()))
+  if jax.process_index() == 0:
+    _append_history(workdir / 'eval_history.json',
+                    {'step': step, 'split': split, **values})
   if picture is not None and jax.process_index() == 0:
     writer.write_images(step, {f'{split}/overlays': np.asarray(picture)[None]})
     directory = workdir / 'overlays'

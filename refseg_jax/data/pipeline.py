@@ -11,7 +11,8 @@ side S, (y, x) and (ymin, xmin, ymax, xmax). What a batch holds depends on
 the supervision, so that a mode cannot see labels it must not use:
 
     text   image, text_tokens, text_mask
-    click  + box [B, 4], clicks [B, 3, 2] (centre, top-left, bottom-right)
+    click  + clicks [B, 3, 2] (centre, top-left, bottom-right), box [B, 4]
+           (the span of the corner clicks; see `click_labels`)
     full   + mask uint8 [B, S, S]
 
 Evaluation batches (every mode) hold the text-mode fields plus what scoring
@@ -64,6 +65,10 @@ def default_config() -> ml_collections.ConfigDict:
       'tokenizer': ml_collections.config_dict.placeholder(str),
       'shuffle_buffer': 10_000,   # Expressions.
       'flip': True,               # Train-time horizontal flip.
+      # Click supervision only: annotator noise on the training clicks, the
+      # standard deviation of each click's shift as a fraction of the box's
+      # height (y) and width (x); 0 = the exact clicks.
+      'click_noise': 0.0,
   })
 
 
@@ -138,6 +143,30 @@ def flip(element: dict) -> dict:
       [clicks[:, 0], 1 - tf.gather(clicks[:, 1], [0, 2, 1])], axis=1)
   element['sentence'] = swap_left_right(element['sentence'])
   return element
+
+
+def click_labels(element: dict, noise: float | tf.Tensor,
+                 seed: tf.Tensor) -> dict:
+  """What a clicking annotator gives: clicks, and the box they span.
+
+  Each click (image-normalised) moves by a Gaussian shift with standard
+  deviation `noise` x the box's height and width, clipped to the image;
+  the box becomes the span of the two corner clicks, so that click
+  supervision never uses a box the clicks do not give.
+
+  Args:
+    element: with 'box' [4] and 'clicks' [3, 2] (centre, top-left,
+      bottom-right), image-normalised.
+    noise: shift scale as a fraction of the box size (0 = exact clicks).
+    seed: [2] int stateless seed of the shifts.
+  """
+  ymin, xmin, ymax, xmax = tf.unstack(element['box'])
+  scale = noise * tf.stack([ymax - ymin, xmax - xmin])
+  shift = tf.random.stateless_normal([3, 2], seed=seed) * scale
+  clicks = tf.clip_by_value(element['clicks'] + shift, 0.0, 1.0)
+  box = tf.concat([tf.reduce_min(clicks[1:], 0), tf.reduce_max(clicks[1:], 0)],
+                  axis=0)
+  return dict(element, clicks=clicks, box=box)
 
 
 def _resize_and_pad(element: dict, size: int) -> dict:
@@ -252,6 +281,9 @@ def train_dataset(config: ml_collections.ConfigDict, supervision: str,
   if supervision not in SUPERVISION_FIELDS:
     raise ValueError(f'Unknown supervision {supervision!r}; expected one of '
                      f'{sorted(SUPERVISION_FIELDS)}.')
+  if config.click_noise and supervision != 'click':
+    raise ValueError(f'config.data.click_noise={config.click_noise} applies '
+                     f"to click supervision only, not {supervision!r}.")
   tokenizer = load_tokenizer(config.tokenizer, config.name)
   ds = _host_images(config, 'train', process_index, process_count,
                     shuffle_files=True, seed=seed)
@@ -263,10 +295,14 @@ def train_dataset(config: ml_collections.ConfigDict, supervision: str,
 
   def prepare(index, element):
     element = _decode(element, with_mask=supervision == 'full')
+    example_seed = tf.stack([tf.cast(seed, tf.int64), index])
     if config.flip:
-      coin = tf.random.stateless_uniform([], seed=tf.stack(
-          [tf.cast(seed, tf.int64), index]))
+      coin = tf.random.stateless_uniform([], seed=example_seed)
       element = tf.cond(coin < 0.5, lambda: flip(element), lambda: element)
+    if supervision == 'click':
+      element = click_labels(
+          element, config.click_noise,
+          tf.random.experimental.stateless_fold_in(example_seed, 1))
     return _resize_and_pad(element, config.image_size)
 
   ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
