@@ -13,8 +13,8 @@ Click supervision (BoxInst, Tian et al. CVPR 2021, as AdelaiDet's CondInst
 implements it) never reads a mask: the heatmap and box heads learn from the
 clicks as under full supervision, and the mask head from the box the corner
 clicks span (projection loss), from colour affinity between neighbouring
-cells inside that box (pairwise loss), and from the centre click as a
-positive point.
+cells inside that box (pairwise loss), from the centre click as a positive
+point, and from the cells outside the box as negatives.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from refseg_jax.models import pks
 
 DEFAULT_WEIGHTS = {'heatmap': 1.0, 'box': 5.0, 'dice': 1.0, 'bce': 1.0}
 CLICK_DEFAULT_WEIGHTS = {'heatmap': 1.0, 'box': 5.0, 'projection': 1.0,
-                         'pairwise': 1.0, 'point': 1.0}
+                         'pairwise': 1.0, 'point': 1.0, 'outside': 1.0}
 _EPS = 1e-5
 
 
@@ -273,7 +273,8 @@ def pairwise_colour_loss(mask_logits: jax.Array, images: jax.Array,
 
   Args:
     mask_logits: [B, H, W].
-    images: uint8 [B, S, S, 3], S a multiple of H and W.
+    images: uint8 [B, S, S, 3] (or [B / k, ...] grouped by image), S a
+      multiple of H and W.
     box: [B, 4] canvas-normalised (ymin, xmin, ymax, xmax).
     size: Neighbourhood side.
     dilation: Spacing of the neighbourhood, in cells.
@@ -285,8 +286,11 @@ def pairwise_colour_loss(mask_logits: jax.Array, images: jax.Array,
   batch, height, width = mask_logits.shape
   side_y, side_x = images.shape[1:3]
   pooled = images.astype(jnp.float32).reshape(
-      batch, height, side_y // height, width, side_x // width, 3).mean((2, 4))
-  lab = rgb_to_lab(pooled / 255.0)
+      images.shape[0], height, side_y // height, width, side_x // width,
+      3).mean((2, 4))
+  # Grouped batches hold one image per k expressions (see `pks.PKS`).
+  lab = jnp.repeat(rgb_to_lab(pooled / 255.0), batch // images.shape[0],
+                   axis=0)
   in_box = box_coverage(box, (height, width)) >= 0.5
   logits = mask_logits.astype(jnp.float32)
   log_fg, log_bg = jax.nn.log_sigmoid(logits), jax.nn.log_sigmoid(-logits)
@@ -300,6 +304,20 @@ def pairwise_colour_loss(mask_logits: jax.Array, images: jax.Array,
     total += (-log_same * weight).sum()
     count += weight.sum()
   return total / jnp.maximum(count, 1.0)
+
+
+def outside_box_loss(mask_logits: jax.Array, box: jax.Array) -> jax.Array:
+  """Mean -log(1 - p) over the cells outside the box (weighted 1 - coverage).
+
+  The object lies inside the box its corner clicks span, so every cell
+  outside is background (as in BBTP, Hsu et al. NeurIPS 2019). BoxInst
+  reaches the same prior only through the projections, whose gradient
+  vanishes once the sigmoid saturates; this term keeps the mask from
+  flooding the image while the centre-click term pulls it up.
+  """
+  outside = 1.0 - box_coverage(box, mask_logits.shape[1:])
+  per_cell = jax.nn.softplus(mask_logits.astype(jnp.float32))
+  return (per_cell * outside).sum() / jnp.maximum(outside.sum(), 1.0)
 
 
 def point_loss(mask_logits: jax.Array, point: jax.Array) -> jax.Array:
@@ -327,8 +345,8 @@ def click_supervision_loss(
 
   Focal heatmap on the centre click, L1 on the box the corner clicks span,
   BoxInst projection and pairwise losses on the mask (the pairwise term
-  ramps in linearly over `pairwise_warmup_steps`), and the centre click as
-  a positive mask point.
+  ramps in linearly over `pairwise_warmup_steps`), the centre click as a
+  positive mask point and the cells outside the box as negatives.
 
   Args:
     outputs: `PKS` outputs, run with `centre=batch['clicks'][:, 0]`.
@@ -356,6 +374,7 @@ def click_supervision_loss(
           mask_logits, batch['image'], batch['box'], pairwise_size,
           pairwise_dilation, colour_threshold),
       'point': point_loss(mask_logits, batch['clicks'][:, 0]),
+      'outside': outside_box_loss(mask_logits, batch['box']),
   }
   scale = {'pairwise': linear_warmup(step, pairwise_warmup_steps)}
   total = sum(weights[k] * scale.get(k, 1.0) * v for k, v in terms.items())

@@ -41,9 +41,10 @@ def train_on_saved_batches(data_dir: str, batches_path: str) -> None:
   batches = []
   for i in range(test_train.NUM_STEPS):
     batch = {k.split('/')[1]: saved[k] for k in saved if k.startswith(f'{i}/')}
-    half = len(batch['image']) // 2
-    rows = slice(jax.process_index() * half, (jax.process_index() + 1) * half)
-    batches.append({k: v[rows] for k, v in batch.items()})
+    # Each host feeds its half of every field (a grouped batch has half as
+    # many images as expressions).
+    batches.append({k: np.split(v, 2)[jax.process_index()]
+                    for k, v in batch.items()})
   config = test_train.tiny_train_config(data_dir)
   mesh = sharding.make_mesh([('data', -1)])
   losses, _, _ = test_train.run_steps(config, mesh, batches)

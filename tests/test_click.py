@@ -1,5 +1,6 @@
 """Click supervision: BoxInst losses, click labels and noise, no masks seen."""
 
+import functools
 import pathlib
 
 import jax
@@ -111,6 +112,19 @@ def test_point_loss_at_the_click_cell():
   assert float(losses.point_loss(jnp.roll(hit, 1, axis=2), point)) > 19
 
 
+def test_outside_box_loss_only_sees_cells_outside_the_box():
+  box = jnp.array([[0.0, 0.0, 0.5, 0.5]])  # The top-left 2 x 2 of 4 x 4.
+  inside = np.zeros((4, 4), bool)
+  inside[:2, :2] = True
+  loss = lambda logits: float(losses.outside_box_loss(logits, box))
+  assert loss(jnp.zeros((1, 4, 4))) == pytest.approx(np.log(2), rel=1e-6)
+  # Whatever the mask does inside the box costs nothing...
+  assert loss(_logits_where(inside, 30.0, -30.0)) < 1e-12
+  assert loss(_logits_where(inside, -30.0, -30.0)) < 1e-12
+  # ...and 12 of 12 outside cells at logit 30 cost 30 each.
+  assert loss(_logits_where(inside, -30.0, 30.0)) == pytest.approx(30.0)
+
+
 def test_pairwise_warmup_ramps_linearly_then_holds():
   ramp = [float(losses.linear_warmup(s, 150)) for s in (0, 75, 150, 600)]
   assert ramp == pytest.approx([0.0, 0.5, 1.0, 1.0])
@@ -126,12 +140,17 @@ def click_batch(tiny_config):
 @pytest.fixture(scope='module')
 def click_model_outputs(click_batch):
   model = pks.PKS(vocab_size=64, dim=16, frozen_bn=True)
-  tokens = click_batch['text_tokens'] % 64
-  variables = model.init(jax.random.key(0), click_batch['image'], tokens,
-                         click_batch['text_mask'], train=False)
-  return model.apply(variables, click_batch['image'], tokens,
-                     click_batch['text_mask'], train=False,
-                     centre=click_batch['clicks'][:, 0])
+  return _run_model(model, click_batch)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _run_model(model, batch):
+  """Outputs of a freshly initialised `model` on a (click) batch."""
+  tokens = batch['text_tokens'] % 64
+  variables = model.init(jax.random.key(0), batch['image'], tokens,
+                         batch['text_mask'], train=False)
+  return model.apply(variables, batch['image'], tokens, batch['text_mask'],
+                     train=False, centre=batch['clicks'][:, 0])
 
 
 def test_click_loss_adds_pairwise_as_it_warms_up(click_batch,
@@ -219,14 +238,7 @@ def test_click_training_is_blind_to_every_stored_mask(
   model = train.create_model(config.model, 64)
   loss_fn = train.loss_function(config)
 
-  def loss(batch):
-    tokens = batch['text_tokens'] % 64
-    variables = model.init(jax.random.key(0), batch['image'], tokens,
-                           batch['text_mask'], train=False)
-    outputs = model.apply(variables, batch['image'], tokens,
-                          batch['text_mask'], train=False,
-                          centre=batch['clicks'][:, 0])
-    return loss_fn(outputs, batch, 1000)
+  loss = lambda batch: loss_fn(_run_model(model, batch), batch, 1000)
 
   (total, terms), (garbage_total, garbage_terms) = (
       loss(click_batch), loss(garbage_click))

@@ -204,3 +204,38 @@ def test_num_eval_batches_covers_the_split(tiny_config):
   count = pipeline.count_expressions(tiny_config, 'validation')
   num_batches = pipeline.num_eval_batches(tiny_config, 'validation', BATCH)
   assert (num_batches - 1) * BATCH < count <= num_batches * BATCH
+
+
+def test_grouped_batches_hold_k_distinct_expressions_of_each_image(
+    tiny_config, tiny_builder):
+  # With flips off, a batch image is its decoded PNG: map each image to the
+  # (box, sentence) of its expressions, then check every group against it.
+  tokenizer = pipeline.load_tokenizer(None, 'ref_shapes')
+  expressions_of = {}
+  for example in tfds.as_numpy(tiny_builder.as_dataset(split='train')):
+    objects = example['objects']
+    expressions_of[example['image'].tobytes()] = {
+        (tuple(np.round(objects['box'][k], 5)), sentence.decode())
+        for k, sentences in enumerate(objects['refs']['sentence'].to_list())
+        for sentence in sentences}
+  config = tiny_config.copy_and_resolve_references()
+  config.flip, config.expressions_per_image = False, 4
+  checked = 0
+  for batch in tfds.as_numpy(
+      pipeline.train_dataset(config, 'full', 16, seed=0).take(4)):
+    assert batch['image'].shape[0] == 4 and batch['mask'].shape[0] == 16
+    sentences = tokenizer.batch_decode(batch['text_tokens'],
+                                       skip_special_tokens=True)
+    for i, image in enumerate(batch['image']):
+      known = expressions_of[image.tobytes()]
+      group = {(tuple(np.round(batch['box'][j], 5)), sentences[j])
+               for j in range(4 * i, 4 * i + 4)}
+      assert group <= known
+      # Drawn without replacement while the image has enough.
+      assert len(group) == min(4, len(known))
+      checked += len(known) >= 2
+  assert checked >= 8
+  config.expressions_per_image = 3
+  with pytest.raises(ValueError, match='not divisible by config.data.'
+                     'expressions_per_image=3'):
+    pipeline.train_dataset(config, 'full', 16, seed=0)

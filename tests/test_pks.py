@@ -221,3 +221,19 @@ def test_spatial_context_lets_far_cells_interact(layers):
   y2 = context.apply(params, x.at[0, 0, 0].multiply(-3.0))
   far_change = float(jnp.abs(y2[0, 3, 3] - y[0, 3, 3]).max())
   assert (far_change > 1e-3) == (layers > 0)
+
+
+def test_grouped_batch_equals_repeated_images(setup):
+  # Two expressions per image, image-major: images [1] and texts [2] give
+  # what images [2] (the same image twice) and the same texts give.
+  _, variables, apply, batch = setup
+  centre = batch['clicks'][:, 0]
+  single = batch['image'][:1]
+  grouped = apply(variables, single, TOKENS, TEXT_MASK, centre=centre)
+  repeated = apply(variables, np.repeat(single, 2, axis=0), TOKENS, TEXT_MASK,
+                   centre=centre)
+  for key in repeated:
+    np.testing.assert_allclose(grouped[key], repeated[key], atol=1e-5,
+                               err_msg=key)
+  with pytest.raises(ValueError, match='2 expressions cannot be split'):
+    apply(variables, batch['image'][:1].repeat(3, axis=0), TOKENS, TEXT_MASK)

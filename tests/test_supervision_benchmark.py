@@ -1,4 +1,4 @@
-"""The supervision benchmark, as a smoke run on the tiny ref_shapes."""
+"""The supervision benchmark: its table, and a smoke run on tiny data."""
 
 import json
 
@@ -8,32 +8,61 @@ from PIL import Image
 from refseg_jax.benchmarks import supervision
 
 
-def test_benchmark_trains_each_mode_and_writes_table_json_and_plot(
-    tiny_data_dir, tmp_path):
+def _results(miou: float) -> dict:
+  values = dict.fromkeys(supervision.COLUMNS, 0.5)
+  return {split: dict(values, mIoU=miou) for split in supervision.SPLITS}
+
+
+def test_table_rows_and_ratios_to_full():
+  summary = {'full': {'results': _results(0.8)},
+             'click': {'results': _results(0.6)},
+             'text': {'results': _results(0.0)}}
+  lines = supervision.table(summary).splitlines()
+  assert lines[2] == '| full | validation | 80.00 | 50.00 | 50.00 | 50.00 | 50.00 | 50.00 |'
+  assert len([l for l in lines if '| validation |' in l]) == 3
+  assert lines[-3:] == ['| full | 1.000 | 1.000 | 1.000 |',
+                        '| click | 0.750 | 0.750 | 0.750 |',
+                        '| text | 0.000 | 0.000 | 0.000 |']
+  # No ratio to a zero full mIoU.
+  summary['full']['results'] = _results(0.0)
+  assert supervision.table(summary).splitlines()[-1] == '| text | n/a | n/a | n/a |'
+
+
+def test_modes_differ_only_in_supervision_and_click_noise():
+  configs = {mode: supervision.mode_config(mode, '', '/data', 100, 50, 0.05)
+             .to_dict() for mode in supervision.MODES}
+  for mode, config in configs.items():
+    for key in ('model', 'optimizer', 'batch_size', 'total_steps', 'seed',
+                'mesh', 'eval'):
+      assert config[key] == configs['full'][key], (mode, key)
+    assert {k: v for k, v in config['data'].items() if k != 'click_noise'} == {
+        k: v for k, v in configs['full']['data'].items() if k != 'click_noise'}
+  assert configs['click']['loss'] == configs['click_noise']['loss']
+  assert [(c['supervision'], c['data']['click_noise'])
+          for c in configs.values()] == [
+              ('full', 0.0), ('click', 0.0), ('click', 0.05)]
+  assert configs['full']['eval']['every_steps'] == 50
+  assert configs['full']['total_steps'] == 100
+
+
+def test_benchmark_run_writes_table_json_and_plot(tiny_data_dir, tmp_path):
+  # One mode keeps this smoke run short; the test above checks that the
+  # modes share their settings.
   summary = supervision.run(
-      ['full', 'click_noise'], str(tmp_path), 'data=ref_shapes_tiny',
-      data_dir=tiny_data_dir, total_steps=4, eval_every=2, click_noise=0.05)
+      ['click_noise'], str(tmp_path), 'data=ref_shapes_tiny',
+      data_dir=tiny_data_dir, total_steps=2, eval_every=2, click_noise=0.05)
 
   assert json.loads((tmp_path / 'supervision.json').read_text()) == summary
-  full, noisy = summary['full'], summary['click_noise']
-  assert (full['supervision'], full['click_noise']) == ('full', 0.0)
-  assert (noisy['supervision'], noisy['click_noise']) == ('click', 0.05)
-  # Same model, steps and seed; only the supervision differs.
-  for key in ('model', 'data', 'total_steps', 'batch_size', 'seed'):
-    assert full[key] == noisy[key], key
-  for entry in summary.values():
-    assert set(entry['results']) == set(supervision.SPLITS)
-    for values in entry['results'].values():
-      assert all(0 <= values[c] <= 1 for c in supervision.COLUMNS)
-    assert [c['step'] for c in entry['validation_curve']] == [2, 4]
-    # The curve's last point is the final evaluation.
-    assert entry['validation_curve'][-1]['mIoU'] == (
-        entry['results']['validation']['mIoU'])
-
-  table = (tmp_path / 'supervision.md').read_text()
-  assert table == supervision.table(summary)
-  rows = [line for line in table.splitlines() if line.startswith('| full |')]
-  assert len(rows) == 3 + 1  # Three splits, then the ratio row.
-  assert rows[-1] == '| full | 1.000 | 1.000 | 1.000 |'
+  entry = summary['click_noise']
+  assert (entry['supervision'], entry['click_noise']) == ('click', 0.05)
+  assert set(entry['results']) == set(supervision.SPLITS)
+  for values in entry['results'].values():
+    assert all(0 <= values[c] <= 1 for c in supervision.COLUMNS)
+  # The curve's one point is the final evaluation.
+  assert entry['validation_curve'] == [{
+      'step': 2, 'mIoU': entry['results']['validation']['mIoU'],
+      'PointM': entry['results']['validation']['PointM']}]
+  assert (tmp_path / 'supervision.md').read_text() == supervision.table(
+      summary)
   picture = np.asarray(Image.open(tmp_path / 'supervision.png'))
   assert picture.shape[:2] == (400, 1000) and picture.std() > 0

@@ -36,7 +36,7 @@ def tiny_train_config(data_dir: str, **overrides) -> ml_collections.ConfigDict:
   config = config_lib.load(f'{FULL_CONFIG}:data=ref_shapes_tiny')
   config.data.data_dir = data_dir
   config.data.prepare = False
-  config.batch_size = 8
+  config.batch_size = 16  # 8 images (2 expressions each) over 8 devices.
   config.total_steps = 8
   config.optimizer.warmup_steps = 2
   config.log_every_steps = 4
@@ -205,7 +205,7 @@ def _main_command(workdir, data_dir, *overrides: str) -> list[str]:
   return [sys.executable, '-m', 'refseg_jax.main',
           f'--config={FULL_CONFIG}:data=ref_shapes_tiny',
           f'--workdir={workdir}', f'--config.data.data_dir={data_dir}',
-          '--config.data.prepare=False', '--config.batch_size=8',
+          '--config.data.prepare=False', '--config.batch_size=16',
           '--config.optimizer.warmup_steps=2',
           '--config.eval.final_splits=validation', *overrides]
 

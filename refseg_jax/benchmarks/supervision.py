@@ -100,9 +100,10 @@ def table(summary: Mapping[str, Mapping[str, Any]]) -> str:
         f'{s} mIoU / full' for s in SPLITS) + ' |',
               '|---|' + '---|' * len(SPLITS)]
     full = summary['full']['results']
+    ratio = lambda a, b: f'{a / b:.3f}' if b else 'n/a'
     for mode, entry in summary.items():
       lines.append(f'| {mode} | ' + ' | '.join(
-          f"{entry['results'][s]['mIoU'] / full[s]['mIoU']:.3f}"
+          ratio(entry['results'][s]['mIoU'], full[s]['mIoU'])
           for s in SPLITS) + ' |')
   return '\n'.join(lines) + '\n'
 

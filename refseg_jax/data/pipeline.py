@@ -4,10 +4,17 @@
     aspect and pad to a square canvas -> (train) random horizontal flip that
     swaps `left`/`right` -> batch -> tokenise -> prefetch.
 
+Training batches may instead be grouped by image (`expressions_per_image`
+k): the shuffle runs over images, each bringing k of its expressions, and
+a batch holds B / k images with B expressions, image-major (expressions
+k*i ... k*i + k - 1 refer to image i; `refseg_jax.models.pks.PKS` reads
+them so).
+
 Batches are dicts of NumPy arrays of the *host-local* batch size (global
-batch / process count). Images are uint8 [B, S, S, 3], the content placed at
-the top-left of the canvas; points and boxes are normalised by the canvas
-side S, (y, x) and (ymin, xmin, ymax, xmax). What a batch holds depends on
+batch / process count). Images are uint8 [B, S, S, 3] ([B / k, ...] when
+grouped), the content placed at the top-left of the canvas; points and
+boxes are normalised by the canvas side S, (y, x) and (ymin, xmin, ymax,
+xmax). What a batch holds depends on
 the supervision, so that a mode cannot see labels it must not use:
 
     text   image, text_tokens, text_mask
@@ -63,7 +70,12 @@ def default_config() -> ml_collections.ConfigDict:
       'max_text_len': 20,         # Tokens, [CLS] and [SEP] included.
       # vocab.txt or local HF tokenizer directory; None = the dataset's own.
       'tokenizer': ml_collections.config_dict.placeholder(str),
-      'shuffle_buffer': 10_000,   # Expressions.
+      'shuffle_buffer': 10_000,   # Expressions (images when grouped).
+      # Training only: 0 = every expression once per epoch, shuffled across
+      # images; k >= 1 = batches of batch/k images with k expressions each
+      # (drawn without replacement while the image has enough), so the
+      # image side of the model runs once per k expressions.
+      'expressions_per_image': 0,
       'flip': True,               # Train-time horizontal flip.
       # Click supervision only: annotator noise on the training clicks, the
       # standard deviation of each click's shift as a fraction of the box's
@@ -120,27 +132,69 @@ def _expressions(example: dict) -> tf.data.Dataset:
 
 
 def _decode(element: dict, with_mask: bool) -> dict:
+  """Decodes the image and (`with_mask`) the mask PNG(s), [...] -> [..., H, W]."""
   element = dict(element)
   element['image'] = tf.io.decode_image(
       element['image'], channels=3, expand_animations=False)
   mask_png = element.pop('mask_png')
   if with_mask:
-    element['mask'] = tf.io.decode_png(mask_png, channels=1)[..., 0]
+    decode = lambda png: tf.io.decode_png(png, channels=1)[..., 0]
+    element['mask'] = (decode(mask_png) if mask_png.shape.rank == 0 else
+                       tf.map_fn(decode, mask_png,
+                                 fn_output_signature=tf.uint8))
   return element
 
 
+def _image_group(index: tf.Tensor, example: dict, size: int,
+                 seed: int) -> dict:
+  """`size` expressions of one image (see `expressions_per_image`).
+
+  A random order of the image's expressions, cycled when it has fewer than
+  `size`; labels get a leading [size] axis, the image stays single.
+  """
+  objects = example['objects']
+  refs = objects['refs']
+  object_of = refs['sentence'].value_rowids()
+  count = tf.size(object_of)
+  order = tf.argsort(tf.random.stateless_uniform(
+      [count], seed=tf.stack([tf.cast(seed, tf.int64), index])))
+  picks = tf.gather(order, tf.range(size) % count)
+  objects_picked = tf.gather(object_of, picks)
+  return {
+      'image': example['image'],
+      'image_id': example['image/id'],
+      'sentence': tf.gather(refs['sentence'].flat_values, picks),
+      'sentence_id': tf.gather(refs['sentence_id'].flat_values, picks),
+      'mask_png': tf.gather(objects['mask'], objects_picked),
+      'box': tf.gather(objects['box'], objects_picked),
+      'clicks': tf.gather(objects['clicks'], objects_picked),
+  }
+
+
+def _ungroup(batch: dict) -> dict:
+  """[images, k, ...] labels -> [images * k, ...]; images stay [images, ...]."""
+  return {key: value if key in ('image', 'image_id') else
+          tf.reshape(value, [-1] + value.shape[2:].as_list())
+          for key, value in batch.items()}
+
+
 def flip(element: dict) -> dict:
-  """Mirrors image, mask, box, clicks and the words left/right together."""
+  """Mirrors image, mask, box, clicks and the words left/right together.
+
+  The labels may carry leading group axes (mask [..., H, W], box [..., 4],
+  clicks [..., 3, 2], sentence [...]): all of them are mirrored.
+  """
   element = dict(element)
   element['image'] = element['image'][:, ::-1]
   if 'mask' in element:
-    element['mask'] = element['mask'][:, ::-1]
-  ymin, xmin, ymax, xmax = tf.unstack(element['box'])
-  element['box'] = tf.stack([ymin, 1 - xmax, ymax, 1 - xmin])
+    element['mask'] = element['mask'][..., ::-1]
+  ymin, xmin, ymax, xmax = tf.unstack(element['box'], axis=-1)
+  element['box'] = tf.stack([ymin, 1 - xmax, ymax, 1 - xmin], axis=-1)
   clicks = element['clicks']  # Rows: centre, top-left, bottom-right.
   # The mirrored box's top-left corner is the mirror of its top-right one.
   element['clicks'] = tf.stack(
-      [clicks[:, 0], 1 - tf.gather(clicks[:, 1], [0, 2, 1])], axis=1)
+      [clicks[..., 0], 1 - tf.gather(clicks[..., 1], [0, 2, 1], axis=-1)],
+      axis=-1)
   element['sentence'] = swap_left_right(element['sentence'])
   return element
 
@@ -155,17 +209,19 @@ def click_labels(element: dict, noise: float | tf.Tensor,
   supervision never uses a box the clicks do not give.
 
   Args:
-    element: with 'box' [4] and 'clicks' [3, 2] (centre, top-left,
-      bottom-right), image-normalised.
+    element: with 'box' [..., 4] and 'clicks' [..., 3, 2] (centre,
+      top-left, bottom-right), image-normalised.
     noise: shift scale as a fraction of the box size (0 = exact clicks).
     seed: [2] int stateless seed of the shifts.
   """
-  ymin, xmin, ymax, xmax = tf.unstack(element['box'])
-  scale = noise * tf.stack([ymax - ymin, xmax - xmin])
-  shift = tf.random.stateless_normal([3, 2], seed=seed) * scale
+  ymin, xmin, ymax, xmax = tf.unstack(element['box'], axis=-1)
+  scale = noise * tf.stack([ymax - ymin, xmax - xmin], axis=-1)
+  shift = tf.random.stateless_normal(
+      tf.shape(element['clicks']), seed=seed) * scale[..., None, :]
   clicks = tf.clip_by_value(element['clicks'] + shift, 0.0, 1.0)
-  box = tf.concat([tf.reduce_min(clicks[1:], 0), tf.reduce_max(clicks[1:], 0)],
-                  axis=0)
+  corners = clicks[..., 1:, :]
+  box = tf.concat([tf.reduce_min(corners, -2), tf.reduce_max(corners, -2)],
+                  axis=-1)
   return dict(element, clicks=clicks, box=box)
 
 
@@ -285,12 +341,23 @@ def train_dataset(config: ml_collections.ConfigDict, supervision: str,
     raise ValueError(f'config.data.click_noise={config.click_noise} applies '
                      f"to click supervision only, not {supervision!r}.")
   tokenizer = load_tokenizer(config.tokenizer, config.name)
-  ds = _host_images(config, 'train', process_index, process_count,
-                    shuffle_files=True, seed=seed)
-  ds = ds.repeat().flat_map(_expressions)
-  ds = ds.shuffle(config.shuffle_buffer, seed=seed)
-  ds = ds.enumerate()  # A per-example index keeps random flips reproducible.
+  group = config.expressions_per_image
   local_batch = _local_batch_size(global_batch_size, process_count)
+  if group and local_batch % group:
+    raise ValueError(f'The per-host batch {local_batch} is not divisible by '
+                     f'config.data.expressions_per_image={group}.')
+  ds = _host_images(config, 'train', process_index, process_count,
+                    shuffle_files=True, seed=seed).repeat()
+  if group:
+    # The picks depend on the image's position in the (repeated) stream.
+    ds = ds.enumerate().map(
+        lambda i, e: _image_group(i, e, group, seed),
+        num_parallel_calls=tf.data.AUTOTUNE)
+    local_batch //= group  # Batches of images from here on.
+  else:
+    ds = ds.flat_map(_expressions)
+  ds = ds.shuffle(config.shuffle_buffer, seed=seed)
+  ds = ds.enumerate()  # A per-element index keeps random flips reproducible.
   ds = ds.skip(skip_batches * local_batch)
 
   def prepare(index, element):
@@ -307,6 +374,8 @@ def train_dataset(config: ml_collections.ConfigDict, supervision: str,
 
   ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
   ds = ds.batch(local_batch, drop_remainder=True)
+  if group:
+    ds = ds.map(_ungroup)
   ds = ds.map(lambda b: _tokenize(b, tokenizer, config.max_text_len),
               num_parallel_calls=tf.data.AUTOTUNE)
   fields = SUPERVISION_FIELDS[supervision]

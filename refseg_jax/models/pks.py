@@ -275,11 +275,19 @@ class SpatialContext(nn.Module):
     return x.reshape(batch, height, width, dim)
 
 
+def _group_size(num_images: int, num_expressions: int) -> int:
+  """Expressions per image k of a batch (1 when ungrouped)."""
+  if num_expressions % num_images:
+    raise ValueError(f'{num_expressions} expressions cannot be split evenly '
+                     f'over {num_images} images.')
+  return num_expressions // num_images
+
+
 def _head(x: jax.Array, dim: int, out: int, dtype: Dtype, name: str,
-          bias_init=nn.initializers.zeros) -> jax.Array:
-  """3x3 conv + ReLU + 1x1 conv prediction head."""
+          **out_kwargs: Any) -> jax.Array:
+  """3x3 conv + ReLU + 1x1 conv prediction head (`out_kwargs`: its init)."""
   x = nn.relu(_conv(dim, 3, dtype, f'{name}_conv')(x))
-  return _conv(out, 1, dtype, f'{name}_out', bias_init=bias_init)(x)
+  return _conv(out, 1, dtype, f'{name}_out', **out_kwargs)(x)
 
 
 class PKS(nn.Module):
@@ -326,7 +334,8 @@ class PKS(nn.Module):
     """Predicts the referent's position and mask.
 
     Args:
-      images: uint8 [B, S, S, 3].
+      images: uint8 [B, S, S, 3], or [B / k, S, S, 3] for batches grouped
+        by image: then expressions k * i ... k * i + k - 1 refer to image i.
       text_tokens: int [B, L].
       text_mask: [B, L], 1 for real tokens.
       train: Batch-statistics BN (needs `mutable=['batch_stats']` unless
@@ -354,12 +363,16 @@ class PKS(nn.Module):
         bert.preset(self.bert_preset, self.vocab_size, **dropout), self.dtype,
         name='text')(text_tokens, text_mask, train)['hidden']
 
+    # Grouped batches (k expressions per image, image-major): the image side
+    # ran once per image; each expression reads its image's features.
+    group = _group_size(images.shape[0], text_tokens.shape[0])
+    image_of = jnp.arange(text_tokens.shape[0]) // group
     fused = PixelWordFusion(self.dim, self.dtype, name='fusion')(
-        visual, words, text_mask)
+        visual[image_of], words, text_mask)
     fused = SpatialContext(self.context_layers, dtype=self.dtype,
                            name='context')(fused)
     heatmap = _head(fused, self.dim, 1, self.dtype, 'heatmap',
-                    nn.initializers.constant(_HEATMAP_PRIOR_BIAS))
+                    bias_init=nn.initializers.constant(_HEATMAP_PRIOR_BIAS))
     heatmap = heatmap[..., 0].astype(jnp.float32)
     box = nn.softplus(
         _head(fused, self.dim, 4, self.dtype, 'box').astype(jnp.float32))
@@ -367,7 +380,11 @@ class PKS(nn.Module):
     # Language never reaches these two vision-only branches.
     n_kernel = dynamic_param_count(self.mask_channels, self.mask_channels,
                                    self.mask_layers)
-    kernels = _head(visual, self.dim, n_kernel, self.dtype, 'kernel')
+    # CondInst's controller init (normal, std 0.01): small dynamic weights
+    # start the mask logits near 0, where every mask loss has a gradient
+    # (lecun-normal kernels start them at |logit| ~ 10, saturated).
+    kernels = _head(visual, self.dim, n_kernel, self.dtype, 'kernel',
+                    kernel_init=nn.initializers.normal(0.01))
     mask_features = _head(levels[self.mask_stride], self.dim,
                           self.mask_channels, self.dtype, 'mask')
 
@@ -378,7 +395,8 @@ class PKS(nn.Module):
     # cell): the relative coordinates the mask head learns from must be the
     # ones it will see.
     centre = cell_centres(*heatmap.shape[1:])[iy, ix]
-    kernel = kernels[jnp.arange(kernels.shape[0]), iy, ix]
+    kernel = kernels[image_of, iy, ix]
+    mask_features = mask_features[image_of]
     mask_logits = dynamic_mask_head(mask_features, kernel, centre,
                                     self.mask_channels, self.mask_layers)
     return {
