@@ -39,6 +39,21 @@ PKS_MODEL_VARIANTS: dict[str, dict[str, Any]] = {
 }
 
 
+# Named SaG model variants. 'paper' is the official setting (ViT-S/16 at
+# 384 px, BERT-base, 18 x 2 slots, 6 iterations, drop-path 0.1), which wants
+# pretrained weights and an accelerator.
+SAG_MODEL_VARIANTS: dict[str, dict[str, Any]] = {
+    'tiny': dict(vit_preset='tiny', bert_preset='tiny', dim=64, groups=8,
+                 slots_per_group=2, iterations=3, heads=2, head_dim=32,
+                 interaction_heads=2, interaction_head_dim=32,
+                 decoder_hidden=64, text_dropout=0.0),
+    'paper': dict(vit_preset='s16', bert_preset='base', dim=512, groups=18,
+                  slots_per_group=2, iterations=6, heads=4, head_dim=256,
+                  interaction_heads=4, interaction_head_dim=128,
+                  decoder_hidden=512, drop_path=0.1),
+}
+
+
 def parse_arg(arg: str | None, **defaults: str) -> ml_collections.ConfigDict:
   """Parses 'key=value,key=value' against the allowed keys and defaults.
 
@@ -95,40 +110,23 @@ def loss_config(supervision: str) -> ml_collections.ConfigDict:
                    "['click', 'full'].")
 
 
-def pks_config(supervision: str, arg: str | None) -> ml_collections.ConfigDict:
-  """The training config of a PKS model under `supervision`.
+def _training_config(supervision: str, data: str
+                     ) -> ml_collections.ConfigDict:
+  """What every model's config shares: data, optimiser, mesh, evaluation.
 
-  Args:
-    supervision: 'full' or 'click'.
-    arg: variant string with keys `data` (see `DATA_VARIANTS`) and `model`
-      (see `PKS_MODEL_VARIANTS`).
-
-  Returns:
-    A locked ConfigDict: setting a key it does not have is an error.
+  Unlocked; the model configs add `model` and `loss`, then lock it.
   """
-  args = parse_arg(arg, data='ref_shapes', model='tiny')
   config = ml_collections.ConfigDict()
   config.supervision = supervision
   config.seed = 0
 
   config.data = pipeline.default_config()
   # Two expressions of each image per batch: the image side runs once for
-  # both, so a step costs 160 ms instead of 250 on 2 CPU cores, and the
+  # both, so a PKS step costs 160 ms instead of 250 on 2 CPU cores, and the
   # pair often contrasts two objects of one scene. (4 repeats the many
   # images that have fewer expressions and trained worse.)
   config.data.expressions_per_image = 2
-  config.data.update(choose(DATA_VARIANTS, args.data, 'data'))
-
-  config.model = ml_collections.ConfigDict(dict(
-      name='pks', resnet_preset='tiny', bert_preset='tiny', dim=64,
-      mask_channels=8, mask_layers=3, mask_stride=4, context_layers=1,
-      text_dropout=config_dict.placeholder(float), dtype='float32',
-      frozen_bn=False))
-  config.model.update(choose(PKS_MODEL_VARIANTS, args.model, 'model'))
-
-  config.loss = loss_config(supervision)
-  if supervision == 'click' and args.model != 'tiny':
-    config.loss.pairwise_warmup_steps = 10_000  # BoxInst's, at paper scale.
+  config.data.update(choose(DATA_VARIANTS, data, 'data'))
 
   config.batch_size = 32            # Expressions, over all hosts and devices.
   config.total_steps = 2_050
@@ -153,6 +151,66 @@ def pks_config(supervision: str, arg: str | None) -> ml_collections.ConfigDict:
       final_splits=('validation', 'test', 'test_novel'),
       every_steps=1_025, batch_size=64, num_overlays=8,
       best_split='validation'))         # Its mIoU picks the best checkpoint.
+  return config
+
+
+def pks_config(supervision: str, arg: str | None) -> ml_collections.ConfigDict:
+  """The training config of a PKS model under `supervision`.
+
+  Args:
+    supervision: 'full' or 'click'.
+    arg: variant string with keys `data` (see `DATA_VARIANTS`) and `model`
+      (see `PKS_MODEL_VARIANTS`).
+
+  Returns:
+    A locked ConfigDict: setting a key it does not have is an error.
+  """
+  args = parse_arg(arg, data='ref_shapes', model='tiny')
+  config = _training_config(supervision, args.data)
+  config.model = ml_collections.ConfigDict(dict(
+      name='pks', resnet_preset='tiny', bert_preset='tiny', dim=64,
+      mask_channels=8, mask_layers=3, mask_stride=4, context_layers=1,
+      text_dropout=config_dict.placeholder(float), dtype='float32',
+      frozen_bn=False))
+  config.model.update(choose(PKS_MODEL_VARIANTS, args.model, 'model'))
+  config.loss = loss_config(supervision)
+  if supervision == 'click' and args.model != 'tiny':
+    config.loss.pairwise_warmup_steps = 10_000  # BoxInst's, at paper scale.
+  config.lock()
+  return config
+
+
+def sag_config(arg: str | None) -> ml_collections.ConfigDict:
+  """The training config of Shatter and Gather (text supervision).
+
+  Args:
+    arg: variant string with keys `data` (see `DATA_VARIANTS`) and `model`
+      (see `SAG_MODEL_VARIANTS`; 'paper' also sets the paper's optimiser).
+
+  Returns:
+    A locked ConfigDict.
+  """
+  args = parse_arg(arg, data='ref_shapes', model='tiny')
+  config = _training_config('text', args.data)
+  config.model = ml_collections.ConfigDict(dict(
+      name='sag', image_size=config.data.image_size, drop_path=0.0,
+      text_dropout=config_dict.placeholder(float), dtype='float32'))
+  config.model.update(choose(SAG_MODEL_VARIANTS, args.model, 'model'))
+  config.loss = ml_collections.ConfigDict(dict(
+      c3=1.0, reconstruction=1.0,
+      # Leave other copies of an expression's own image out of its
+      # negatives (the official code counts them as negatives).
+      mask_same_image=True,
+      # The loss is scaled by min(step / warmup_steps, 1): the official
+      # 5,000 iterations are ~3 % of its run; the same share of 2,050.
+      warmup_steps=60))
+  if args.model == 'paper':
+    config.loss.warmup_steps = 5_000
+    config.data.image_size = config.model.image_size = 384
+    config.data.flip = False  # "No augmentation".
+    config.optimizer.update(learning_rate=1e-5, warmup_steps=0,
+                            grad_clip_norm=0.1,
+                            lr_multipliers=dict(backbone=0.1, text=1.0))
   config.lock()
   return config
 

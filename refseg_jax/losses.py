@@ -379,3 +379,81 @@ def click_supervision_loss(
   scale = {'pairwise': linear_warmup(step, pairwise_warmup_steps)}
   total = sum(weights[k] * scale.get(k, 1.0) * v for k, v in terms.items())
   return total, terms
+
+
+# ----------------------------------------- text supervision (Shatter and Gather)
+
+TEXT_DEFAULT_WEIGHTS = {'c3': 1.0, 'reconstruction': 1.0}
+
+
+def same_image_pairs(image_ids: jax.Array, image_of: jax.Array) -> jax.Array:
+  """bool [T, I]: image i shows expression t's image but is not its own
+  entry (the same image twice in a batch).
+
+  Args:
+    image_ids: [I] the batch images' dataset ids.
+    image_of: [T] the index of each expression's own image.
+  """
+  own = image_ids[image_of]
+  return ((image_ids[None, :] == own[:, None])
+          & (jnp.arange(image_ids.shape[0])[None, :] != image_of[:, None]))
+
+
+def c3_loss(scores: jax.Array, image_of: jax.Array,
+            excluded: Optional[jax.Array] = None) -> jax.Array:
+  """SaG's contrastive cycle-consistency loss (InfoNCE, temperature 1).
+
+  Args:
+    scores: [T, I] s_{t,i} = stopgrad(x_t) . z_{t,i}.
+    image_of: [T] index of each expression's own image, the positive.
+    excluded: optional bool [T, I] pairs left out of the softmax (same-image
+      pairs that are not the positive).
+
+  Returns:
+    Mean over the expressions of -log softmax_i(s_{t,i})[image_of[t]].
+  """
+  scores = scores.astype(jnp.float32)
+  if excluded is not None:
+    scores = jnp.where(excluded, -jnp.inf, scores)
+  return optax.softmax_cross_entropy_with_integer_labels(
+      scores, image_of).mean()
+
+
+def reconstruction_loss(reconstruction: jax.Array,
+                        patch_features: jax.Array) -> jax.Array:
+  """MSE of the slot decoder's output to the (detached) ViT patch features."""
+  target = jax.lax.stop_gradient(patch_features.astype(jnp.float32))
+  return jnp.mean((reconstruction.astype(jnp.float32) - target)**2)
+
+
+def text_supervision_loss(
+    outputs: Mapping[str, jax.Array], batch: Mapping[str, jax.Array],
+    step: jax.Array, weights: Optional[Mapping[str, float]] = None,
+    mask_same_image: bool = True, warmup_steps: int = 5_000
+) -> Tuple[jax.Array, Dict[str, jax.Array]]:
+  """SaG's loss: C^3 + reconstruction, scaled by min(step / warmup, 1).
+
+  Args:
+    outputs: `SaG` outputs run with `all_pairs=True`.
+    batch: A 'text' batch (image, tokens, image_id).
+    step: The training step, for the warm-up scaling.
+    weights: Keyed as `TEXT_DEFAULT_WEIGHTS`.
+    mask_same_image: Leave other expressions' copies of an expression's
+      own image out of its negatives (the official code counts them).
+    warmup_steps: Steps over which the loss scale ramps from 0 to 1.
+
+  Returns:
+    (weighted, scaled total, {term: unscaled value}).
+  """
+  weights = {**TEXT_DEFAULT_WEIGHTS, **(weights or {})}
+  num_texts, num_images = outputs['scores'].shape
+  image_of = jnp.arange(num_texts) // pks.group_size(num_images, num_texts)
+  excluded = (same_image_pairs(batch['image_id'], image_of)
+              if mask_same_image else None)
+  terms = {
+      'c3': c3_loss(outputs['scores'], image_of, excluded),
+      'reconstruction': reconstruction_loss(outputs['reconstruction'],
+                                            outputs['patch_features']),
+  }
+  total = sum(weights[k] * v for k, v in terms.items())
+  return linear_warmup(step, warmup_steps) * total, terms

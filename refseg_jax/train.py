@@ -37,6 +37,7 @@ from absl import logging
 from clu import metric_writers
 from clu import periodic_actions
 from etils import epath
+import flax.linen as nn
 from flax.training import train_state
 import jax
 from jax.experimental import multihost_utils
@@ -54,6 +55,7 @@ from refseg_jax.data import build
 from refseg_jax.data import pipeline
 from refseg_jax.evaluation import metrics as res_metrics
 from refseg_jax.models import pks
+from refseg_jax.models import sag
 
 Batch = Mapping[str, jax.Array]
 # Eval fields that stay on the host (strings, or only needed for pictures).
@@ -65,15 +67,38 @@ class TrainState(train_state.TrainState):
   batch_stats: Any = None
 
 
+MODELS = {'pks': pks.PKS, 'sag': sag.SaG}
+
+
 def create_model(model_config: ml_collections.ConfigDict,
-                 vocab_size: int) -> pks.PKS:
-  """The flax model the config names (only 'pks' so far)."""
-  if model_config.name != 'pks':
+                 vocab_size: int) -> nn.Module:
+  """The flax model `config.model.name` names, with the config's fields."""
+  if model_config.name not in MODELS:
     raise ValueError(f'Unknown config.model.name {model_config.name!r}; '
-                     "known: ['pks'].")
+                     f'known: {sorted(MODELS)}.')
   fields = {k: v for k, v in model_config.items() if k != 'name'}
   fields['dtype'] = jnp.dtype(fields['dtype'])
-  return pks.PKS(vocab_size=vocab_size, **fields)
+  return MODELS[model_config.name](vocab_size=vocab_size, **fields)
+
+
+def _train_call(model: nn.Module, batch: Batch) -> dict[str, Any]:
+  """What the model's training forward pass takes besides the inputs:
+  PKS reads the kernel at the centre click, SaG scores every pair."""
+  if isinstance(model, pks.PKS):
+    return {'centre': batch['clicks'][:, 0]}
+  return {'all_pairs': True}
+
+
+def _response(model: nn.Module, outputs: Mapping[str, jax.Array],
+              size: int) -> jax.Array:
+  """[B, size, size] map thresholded at 0 (see `make_eval_step`)."""
+  if isinstance(model, pks.PKS):
+    logits = outputs['mask_logits']
+    return jax.image.resize(logits, (logits.shape[0], size, size), 'bilinear')
+  # SaG: A_fuse . A_slot to the canvas, min-max normalised, threshold 0.5.
+  mask = outputs['mask']
+  mask = jax.image.resize(mask, (mask.shape[0], size, size), 'bilinear')
+  return sag.min_max_normalise(mask) - 0.5
 
 
 def learning_rate_schedule(opt_config: ml_collections.ConfigDict,
@@ -132,7 +157,7 @@ def _dummy_inputs(config: ml_collections.ConfigDict) -> tuple[jax.Array, ...]:
           jnp.zeros((1, length), jnp.int32), jnp.ones((1, length), jnp.int32))
 
 
-def create_train_state(config: ml_collections.ConfigDict, model: pks.PKS,
+def create_train_state(config: ml_collections.ConfigDict, model: nn.Module,
                        mesh: jax.sharding.Mesh) -> tuple[TrainState, Any]:
   """Initialises the train state directly into its shardings.
 
@@ -143,7 +168,8 @@ def create_train_state(config: ml_collections.ConfigDict, model: pks.PKS,
   tx = make_optimizer(config.optimizer, config.total_steps)
 
   def init(rng: jax.Array) -> TrainState:
-    variables = model.init(rng, *_dummy_inputs(config), train=False)
+    variables = model.init({'params': rng, 'slots': rng},
+                           *_dummy_inputs(config), train=False)
     return TrainState.create(apply_fn=model.apply, params=variables['params'],
                              batch_stats=variables.get('batch_stats', {}),
                              tx=tx)
@@ -172,31 +198,39 @@ def loss_function(config: ml_collections.ConfigDict) -> Callable[..., Any]:
         pairwise_dilation=loss.pairwise_dilation,
         colour_threshold=loss.colour_threshold,
         pairwise_warmup_steps=loss.pairwise_warmup_steps)
+  if config.supervision == 'text':
+    return functools.partial(
+        losses.text_supervision_loss,
+        weights={k: loss[k] for k in losses.TEXT_DEFAULT_WEIGHTS},
+        mask_same_image=loss.mask_same_image,
+        warmup_steps=loss.warmup_steps)
   raise ValueError(f'Unknown config.supervision {config.supervision!r}; '
-                   "known: ['click', 'full'].")
+                   "known: ['click', 'full', 'text'].")
 
 
-def make_train_step(config: ml_collections.ConfigDict, model: pks.PKS,
+def make_train_step(config: ml_collections.ConfigDict, model: nn.Module,
                     mesh: jax.sharding.Mesh, state_shardings: Any):
   """The jitted `(state, batch) -> (state, metrics)`; state is donated.
 
   Metrics (loss, its terms, gradient norm, learning rate) come back
-  replicated. The BERT dropout key is folded from the seed and the step, so
-  a resumed run draws the same masks.
+  replicated. The dropout (and SaG's slot) keys are folded from the seed
+  and the step, so a resumed run draws the same ones.
   """
   loss_fn = loss_function(config)
   schedule = learning_rate_schedule(config.optimizer, config.total_steps)
   dropout_root = jax.random.key(config.seed + 1)
+  slots_root = jax.random.key(config.seed + 2)
 
   def step_fn(state: TrainState, batch: Batch):
-    rng = jax.random.fold_in(dropout_root, state.step)
+    rngs = {'dropout': jax.random.fold_in(dropout_root, state.step),
+            'slots': jax.random.fold_in(slots_root, state.step)}
 
     def compute_loss(params):
       outputs, updates = model.apply(
           {'params': params, 'batch_stats': state.batch_stats},
           batch['image'], batch['text_tokens'], batch['text_mask'],
-          train=True, centre=batch['clicks'][:, 0], rngs={'dropout': rng},
-          mutable=['batch_stats'])
+          train=True, rngs=rngs, mutable=['batch_stats'],
+          **_train_call(model, batch))
       total, terms = loss_fn(outputs, batch, state.step)
       return total, (terms, updates)
 
@@ -216,22 +250,25 @@ def make_train_step(config: ml_collections.ConfigDict, model: pks.PKS,
                  donate_argnums=0)
 
 
-def make_eval_step(config: ml_collections.ConfigDict, model: pks.PKS,
+def make_eval_step(config: ml_collections.ConfigDict, model: nn.Module,
                    mesh: jax.sharding.Mesh, state_shardings: Any):
   """The jitted `(state, batch) -> (RESMetrics, response [B, S, S])`.
 
-  The response is the mask logits bilinearly upsampled to the canvas; the
-  kernel is read at the heatmap peak, as at inference.
+  The response is thresholded at 0: PKS's mask logits (kernel read at the
+  heatmap peak, as at inference) bilinearly upsampled to the canvas; SaG's
+  min-max normalised mask - 0.5. SaG's slots are drawn with one fixed key
+  (from the seed), so an evaluation is reproducible and every checkpoint
+  is scored on the same draw.
   """
   size = config.data.image_size
+  slots = jax.random.key(config.seed + 3)
 
   def step_fn(state: TrainState, batch: Batch):
     outputs = model.apply(
         {'params': state.params, 'batch_stats': state.batch_stats},
-        batch['image'], batch['text_tokens'], batch['text_mask'], train=False)
-    logits = outputs['mask_logits']
-    response = jax.image.resize(logits, (logits.shape[0], size, size),
-                                'bilinear')
+        batch['image'], batch['text_tokens'], batch['text_mask'], train=False,
+        rngs={'slots': slots})
+    response = _response(model, outputs, size)
     batch_metrics = res_metrics.RESMetrics.from_model_output(
         response, batch['eval_mask'], batch['orig_size'],
         batch['content_size'], batch['valid'])
@@ -324,7 +361,7 @@ def overlay_grid(batch: Mapping[str, np.ndarray], response: np.ndarray,
 class Evaluator:
   """Scores a train state on eval splits, and draws a few predictions."""
 
-  def __init__(self, config: ml_collections.ConfigDict, model: pks.PKS,
+  def __init__(self, config: ml_collections.ConfigDict, model: nn.Module,
                mesh: jax.sharding.Mesh, state_shardings: Any):
     self._config = config
     self._mesh = mesh

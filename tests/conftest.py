@@ -36,3 +36,46 @@ def tiny_config(tiny_data_dir):
   config.image_size = config.eval_mask_size = 64
   config.shuffle_buffer = 64
   return config
+
+
+@pytest.fixture(scope='session')
+def garbage_data_config(tiny_config, tmp_path_factory):
+  """`garbage_data_config('mask', ...)`: a data config reading the tiny
+  ref_shapes rebuilt with the named labels ('mask', 'box', 'clicks') of
+  every object replaced by random values, built once per set of labels."""
+  # pylint: disable=g-import-not-at-top
+  import numpy as np
+  from refseg_jax.data import features
+  built = {}
+
+  def garbled(*labels: str):
+    key = tuple(sorted(labels))
+    if key not in built:
+      noise = np.random.default_rng(0)
+      real_png = features.png_bytes
+
+      def png_bytes(array):
+        if array.ndim == 2 and 'mask' in key:  # Masks are 2-D, images 3-D.
+          array = noise.integers(0, 2, array.shape, dtype=np.uint8)
+        return real_png(array)
+
+      def random_box(mask):
+        del mask
+        low = noise.uniform(0.0, 0.5, 2)
+        return np.concatenate([low, low + noise.uniform(0.1, 0.5, 2)])
+
+      with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(features, 'png_bytes', png_bytes)
+        if 'box' in key:
+          patch.setattr(features, 'box_from_mask', random_box)
+        if 'clicks' in key:
+          patch.setattr(features, 'clicks_from_mask_and_box',
+                        lambda mask, box: noise.uniform(
+                            0, 1, (3, 2)).astype(np.float32))
+        config = tiny_config.copy_and_resolve_references()
+        config.data_dir = str(tmp_path_factory.mktemp('garbage'))
+        build.build(config.name, config.data_dir)
+      built[key] = config
+    return built[key]
+
+  return garbled

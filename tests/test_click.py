@@ -7,14 +7,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from refseg_jax import config_lib
 from refseg_jax import losses
 from refseg_jax import train
-from refseg_jax.data import build
-from refseg_jax.data import features as features_lib
 from refseg_jax.data import pipeline
 from refseg_jax.models import pks
 
@@ -209,23 +206,10 @@ def test_click_noise_outside_click_supervision_is_an_error(tiny_config):
 
 
 def test_click_training_is_blind_to_every_stored_mask(
-    tiny_config, tmp_path_factory, monkeypatch, click_batch):
-  # Rebuild the tiny dataset with every object's stored mask replaced by
+    tiny_config, garbage_data_config, click_batch):
+  # The tiny dataset rebuilt with every object's stored mask replaced by
   # noise (boxes and clicks still come from the true masks).
-  real_png = features_lib.png_bytes
-  noise = np.random.default_rng(0)
-
-  def garbage_masks(array):
-    if array.ndim == 2:  # Masks are 2-D, images 3-D.
-      array = noise.integers(0, 2, array.shape, dtype=np.uint8)
-    return real_png(array)
-
-  monkeypatch.setattr(features_lib, 'png_bytes', garbage_masks)
-  garbage_config = tiny_config.copy_and_resolve_references()
-  garbage_config.data_dir = str(tmp_path_factory.mktemp('garbage_masks'))
-  build.build(garbage_config.name, garbage_config.data_dir)
-  monkeypatch.undo()
-
+  garbage_config = garbage_data_config('mask')
   first = lambda config, supervision: next(iter(tfds.as_numpy(
       pipeline.train_dataset(config, supervision, BATCH, seed=0))))
   garbage_click = first(garbage_config, 'click')

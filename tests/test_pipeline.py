@@ -29,7 +29,7 @@ def test_each_supervision_gets_only_its_fields(tiny_config):
     assert set(batch) == set(fields), supervision
   assert 'mask' not in pipeline.SUPERVISION_FIELDS['click']
   assert set(pipeline.SUPERVISION_FIELDS['text']) == {
-      'image', 'text_tokens', 'text_mask'}
+      'image', 'image_id', 'text_tokens', 'text_mask'}
 
 
 def test_full_batch_labels_agree(tiny_config):

@@ -3,9 +3,10 @@ r"""Supervision benchmark: one PKS model trained under each supervision.
     python -m refseg_jax.benchmarks.supervision --workdir=/tmp/supervision
 
 trains `full`, `click` (exact clicks) and `click_noise` (clicks jittered by
-`--click_noise` of the box size) with the same model, data, steps and seed,
-one after another (each in `WORKDIR/<mode>`, resumable: a finished mode is
-not trained again), then writes
+`--click_noise` of the box size) with the same PKS model, and `text`
+(Shatter and Gather), all with the same data, steps, batch and seed, one
+after another (each in `WORKDIR/<mode>`, resumable: a finished mode is not
+trained again), then writes
 
     WORKDIR/supervision.json   per mode: settings, wall time, final metrics
                                of every split, validation history
@@ -39,7 +40,7 @@ import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
 # Mode -> (supervision, uses click noise).
 MODES = {'full': ('full', False), 'click': ('click', False),
-         'click_noise': ('click', True)}
+         'click_noise': ('click', True), 'text': ('text', False)}
 COLUMNS = ('mIoU', 'oIoU', 'prec@0.5', 'prec@0.7', 'prec@0.9', 'PointM')
 SPLITS = ('validation', 'test', 'test_novel')
 
@@ -61,12 +62,17 @@ _CLICK_NOISE = flags.DEFINE_float(
 def mode_config(mode: str, arg: str, data_dir: str | None,
                 total_steps: int | None, eval_every: int,
                 click_noise: float) -> ml_collections.ConfigDict:
-  """The training config of one benchmark mode; only the supervision (and
-  the click noise) differ between modes."""
+  """The training config of one benchmark mode.
+
+  The PKS modes (full, click, click_noise) differ only in the supervision
+  and the click noise; text trains Shatter and Gather, with the same data,
+  steps, batch and seed.
+  """
   if mode not in MODES:
     raise ValueError(f'Unknown mode {mode!r}; known: {list(MODES)}.')
   supervision, noisy = MODES[mode]
-  config = config_lib.pks_config(supervision, arg)
+  config = (config_lib.sag_config(arg) if supervision == 'text' else
+            config_lib.pks_config(supervision, arg))
   config.data.data_dir = data_dir
   if total_steps:
     config.total_steps = total_steps
@@ -141,8 +147,14 @@ def run(modes: Sequence[str], workdir: str, arg: str = '',
   for mode in modes:
     config = mode_config(mode, arg, data_dir, total_steps, eval_every,
                          click_noise)
-    start = time.perf_counter()
-    train.train_and_evaluate(config, str(root / mode))
+    wall_file = root / mode / 'wall_s.json'
+    if not wall_file.exists():  # Not trained to the end by an earlier run.
+      start = time.perf_counter()
+      train.train_and_evaluate(config, str(root / mode))
+      if not (root / mode / 'results.json').exists():
+        raise RuntimeError(f'{mode} stopped before its last step (preempted?)'
+                           '; run the benchmark again to resume it.')
+      wall_file.write_text(json.dumps(round(time.perf_counter() - start, 1)))
     results = json.loads((root / mode / 'results.json').read_text())
     history = json.loads((root / mode / 'eval_history.json').read_text())
     summary[mode] = {
@@ -151,9 +163,9 @@ def run(modes: Sequence[str], workdir: str, arg: str = '',
         'model': config.model.to_dict(), 'data': config.data.name,
         'total_steps': config.total_steps, 'batch_size': config.batch_size,
         'seed': config.seed,
-        # Wall time of this invocation (data build, compile, training and
-        # evaluations); near 0 for a mode trained by an earlier one.
-        'wall_s': round(time.perf_counter() - start, 1),
+        # Wall time of the invocation that trained it (data build, compile,
+        # training and evaluations; resumed parts not included).
+        'wall_s': json.loads(wall_file.read_text()),
         'results': {s: results[s] for s in SPLITS},
         'validation_curve': validation_curve(history),
     }

@@ -17,7 +17,7 @@ boxes are normalised by the canvas side S, (y, x) and (ymin, xmin, ymax,
 xmax). What a batch holds depends on
 the supervision, so that a mode cannot see labels it must not use:
 
-    text   image, text_tokens, text_mask
+    text   image, text_tokens, text_mask, image_id (int32 [B] or [B / k])
     click  + clicks [B, 3, 2] (centre, top-left, bottom-right), box [B, 4]
            (the span of the corner clicks; see `click_labels`)
     full   + mask uint8 [B, S, S]
@@ -45,7 +45,9 @@ import transformers
 from refseg_jax.data import ref_shapes
 
 SUPERVISION_FIELDS = {
-    'text': ('image', 'text_tokens', 'text_mask'),
+    # The image ids tell text supervision which images in a batch are the
+    # same (its contrastive loss must not count them as negatives).
+    'text': ('image', 'image_id', 'text_tokens', 'text_mask'),
     'click': ('image', 'text_tokens', 'text_mask', 'box', 'clicks'),
     'full': ('image', 'text_tokens', 'text_mask', 'box', 'clicks', 'mask'),
 }
@@ -379,7 +381,8 @@ def train_dataset(config: ml_collections.ConfigDict, supervision: str,
   ds = ds.map(lambda b: _tokenize(b, tokenizer, config.max_text_len),
               num_parallel_calls=tf.data.AUTOTUNE)
   fields = SUPERVISION_FIELDS[supervision]
-  ds = ds.map(lambda b: {k: b[k] for k in fields})
+  ds = ds.map(lambda b: {k: tf.cast(b[k], tf.int32) if k == 'image_id' else
+                         b[k] for k in fields})
   options = tf.data.Options()
   options.deterministic = True
   return ds.with_options(options).prefetch(tf.data.AUTOTUNE)

@@ -275,7 +275,7 @@ class SpatialContext(nn.Module):
     return x.reshape(batch, height, width, dim)
 
 
-def _group_size(num_images: int, num_expressions: int) -> int:
+def group_size(num_images: int, num_expressions: int) -> int:
   """Expressions per image k of a batch (1 when ungrouped)."""
   if num_expressions % num_images:
     raise ValueError(f'{num_expressions} expressions cannot be split evenly '
@@ -365,7 +365,7 @@ class PKS(nn.Module):
 
     # Grouped batches (k expressions per image, image-major): the image side
     # ran once per image; each expression reads its image's features.
-    group = _group_size(images.shape[0], text_tokens.shape[0])
+    group = group_size(images.shape[0], text_tokens.shape[0])
     image_of = jnp.arange(text_tokens.shape[0]) // group
     fused = PixelWordFusion(self.dim, self.dtype, name='fusion')(
         visual[image_of], words, text_mask)

@@ -1,0 +1,30 @@
+r"""Shatter and Gather: text supervision only (image-expression pairs).
+
+    python -m refseg_jax.main --config=configs/text.py --workdir=/tmp/text
+
+The model shatters the image into entity slots and gathers the slots the
+expression refers to; the contrastive cycle-consistency (C^3) loss over the
+images of the batch and a slot reconstruction loss train it
+(`refseg_jax.models.sag`, `refseg_jax.losses.text_supervision_loss`). No
+batch holds a mask, box or click.
+
+Default (`data=ref_shapes,model=tiny`): the built-in 128 px benchmark with
+a tiny ViT (patch 8) + BERT, 16 slots (8 Gaussians x 2), 3 iterations,
+2,050 steps of 32 expressions (16 images). EXPECTED_TIME_AND_RESULT.
+
+Variants, big_vision style, after a colon:
+
+    --config=configs/text.py:data=ref_shapes_tiny   # 64 px smoke test
+    --config=configs/text.py:model=paper            # ViT-S/16 @384, BERT-base,
+        # 18 x 2 slots, AdamW 1e-5 (ViT 0.1x), grad-clip 0.1, loss warm-up 5k
+
+`--config.loss.mask_same_image=False` counts other copies of an
+expression's own image as negatives, as the official code does.
+"""
+
+from refseg_jax import config_lib
+
+
+def get_config(arg=None):
+  """The config of `arg`'s variant (see module doc)."""
+  return config_lib.sag_config(arg)

@@ -1,0 +1,387 @@
+"""Shatter and Gather (SaG): text-supervised RES with entity slots.
+
+Kim et al., ICCV 2023; this follows the official code (`kdwonn/SaG`) as
+`../shared/notes/methods.md` describes it:
+
+    image -> ViT -> patch tokens -> Linear(width -> dim)
+      '-> entity discovery ("shatter"): K = K_g x K_s slots, slot k drawn
+          from Gaussian g; T weight-shared iterations of
+            aggregation: pre-LN slot attention over the pixels (2-D sine
+              position encoding added to keys and values), softmax over
+              SLOTS then renormalised over pixels, S <- S + W_o(A V),
+              then S <- S + MLP(LN S)
+            interaction: self-attention among the K_s slots of a Gaussian
+          -> Linear + LayerNorm
+    text -> BERT [CLS] -> Linear(hidden -> dim) = x_t
+    fusion ("gather"): x_t queries the K slots (pre-LN, softmax over
+      slots): z = x_t + MHA(x_t, slots); z = z + MLP(LN z); z / |z|.
+      A_fuse = its attention, averaged over heads.
+    mask(p) = sum_k A_fuse[k] A_slot[k, p] on the patch grid (A_slot: the
+      last iteration's slot attention, head-averaged), bilinear to the
+      image, min-max normalised, thresholded at 0.5.
+
+Training fuses every expression with every image of the batch (the C^3
+loss in `refseg_jax.losses`), as one batched computation: text [T, dim]
+against slots [I, K, dim] gives z [T, I, dim].
+
+Slots are random: the model draws them from the 'slots' rng stream,
+which `apply` must be given, at training and at evaluation alike
+(the official code resamples them at every forward pass). The train loop
+folds the step into its slot key; evaluation uses one fixed key, so that
+scores are reproducible (see `refseg_jax.train`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from refseg_jax.models import bert
+from refseg_jax.models import pks
+from refseg_jax.models import vit
+
+Dtype = Any
+_EPS = 1e-8
+
+
+def sine_position_encoding(height: int, width: int, dim: int,
+                           temperature: float = 10_000.0) -> jax.Array:
+  """DETR's 2-D sine encoding [H * W, dim]: y in the first half, x in the
+  second, each as sin/cos pairs over dim / 4 frequencies."""
+  if dim % 4:
+    raise ValueError(f'Sine position encoding needs dim % 4 == 0, not {dim}.')
+  quarter = dim // 4
+  frequencies = temperature ** (-np.arange(quarter) / quarter)
+  ys, xs = np.meshgrid(np.arange(height) + 0.5, np.arange(width) + 0.5,
+                       indexing='ij')
+
+  def encode(positions):
+    angles = positions.reshape(-1, 1) * frequencies * (2 * np.pi / max(
+        height, width))
+    return np.concatenate([np.sin(angles), np.cos(angles)], axis=-1)
+
+  return jnp.asarray(np.concatenate([encode(ys), encode(xs)], -1),
+                     jnp.float32)
+
+
+def _dense(features: int, dtype: Dtype, name: str) -> nn.Dense:
+  return nn.Dense(features, dtype=dtype, param_dtype=jnp.float32, name=name)
+
+
+def _layer_norm(dtype: Dtype, name: str) -> nn.LayerNorm:
+  return nn.LayerNorm(dtype=dtype, param_dtype=jnp.float32, name=name)
+
+
+class _Mlp(nn.Module):
+  """dim -> ratio * dim (GELU) -> dim."""
+  ratio: int = 4
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    hidden = nn.gelu(_dense(self.ratio * x.shape[-1], self.dtype, 'fc1')(x))
+    return _dense(x.shape[-1], self.dtype, 'fc2')(hidden)
+
+
+class SlotAggregation(nn.Module):
+  """One aggregation step: slots attend over the pixels, competing for them.
+
+  Attributes:
+    heads: Attention heads.
+    head_dim: Width of each head.
+    dtype: Computation dtype.
+  """
+  heads: int
+  head_dim: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, slots: jax.Array, keys: jax.Array, values: jax.Array
+               ) -> tuple[jax.Array, jax.Array]:
+    """slots [B, K, D], keys and values [B, N, D] -> (slots, attention).
+
+    The attention [B, K, N] is softmaxed over the K slots at each pixel
+    (and averaged over heads); the update reads the values with it
+    renormalised over the pixels of each slot.
+    """
+    split = lambda x, name: _dense(self.heads * self.head_dim, self.dtype,
+                                   name)(x).reshape(
+                                       *x.shape[:2], self.heads, self.head_dim)
+    q = split(_layer_norm(self.dtype, 'norm_slots')(slots), 'query')
+    k, v = split(keys, 'key'), split(values, 'value')
+    logits = jnp.einsum('bkhd,bnhd->bhkn', q, k).astype(jnp.float32)
+    attention = jax.nn.softmax(logits / np.sqrt(self.head_dim), axis=2)
+    weights = attention / (attention.sum(-1, keepdims=True) + _EPS)
+    updates = jnp.einsum('bhkn,bnhd->bkhd', weights.astype(self.dtype), v)
+    slots = slots + _dense(slots.shape[-1], self.dtype, 'output')(
+        updates.reshape(*slots.shape[:2], -1))
+    slots = slots + _Mlp(dtype=self.dtype, name='mlp')(
+        _layer_norm(self.dtype, 'norm_mlp')(slots))
+    return slots, attention.mean(1)
+
+
+class SlotInteraction(nn.Module):
+  """Self-attention (+ MLP) among the slots drawn from one Gaussian.
+
+  Attributes:
+    heads: Attention heads.
+    head_dim: Width of each head.
+    dtype: Computation dtype.
+  """
+  heads: int
+  head_dim: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, slots: jax.Array) -> jax.Array:
+    """[B, K_g, K_s, D] -> [B, K_g, K_s, D]."""
+    y = _layer_norm(self.dtype, 'norm_attention')(slots)
+    slots = slots + nn.MultiHeadDotProductAttention(
+        self.heads, dtype=self.dtype, param_dtype=jnp.float32,
+        qkv_features=self.heads * self.head_dim, name='attention')(y, y)
+    return slots + _Mlp(dtype=self.dtype, name='mlp')(
+        _layer_norm(self.dtype, 'norm_mlp')(slots))
+
+
+class EntityDiscovery(nn.Module):
+  """Shatters pixel features into K_g x K_s entity slots.
+
+  Attributes:
+    groups: K_g, the number of learned Gaussians.
+    slots_per_group: K_s, slots drawn from each.
+    iterations: T, weight-shared aggregation + interaction steps.
+    heads, head_dim: Aggregation attention.
+    interaction_heads, interaction_head_dim: Interaction attention.
+    dtype: Computation dtype.
+  """
+  groups: int
+  slots_per_group: int
+  iterations: int
+  heads: int = 4
+  head_dim: int = 256
+  interaction_heads: int = 4
+  interaction_head_dim: int = 128
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, features: jax.Array, position: jax.Array
+               ) -> tuple[jax.Array, jax.Array]:
+    """features [B, N, D], position [N, D] -> slots [B, K, D], A_slot [B, K, N].
+
+    Draws the initial slots from the 'slots' rng stream.
+    """
+    batch, _, dim = features.shape
+    mean = self.param('mean', nn.initializers.normal(1.0), (self.groups, dim))
+    log_var = self.param('log_var', nn.initializers.constant(np.log(1 / dim)),
+                         (self.groups, dim))
+    noise = jax.random.normal(self.make_rng('slots'), (
+        batch, self.groups, self.slots_per_group, dim))
+    slots = (mean[:, None] + jnp.exp(0.5 * log_var)[:, None] * noise).reshape(
+        batch, -1, dim).astype(self.dtype)
+    inputs = _layer_norm(self.dtype, 'norm_inputs')(features)
+    keys = values = inputs + position.astype(self.dtype)
+    aggregate = SlotAggregation(self.heads, self.head_dim, self.dtype,
+                                name='aggregation')
+    interact = SlotInteraction(self.interaction_heads,
+                               self.interaction_head_dim, self.dtype,
+                               name='interaction')
+    for _ in range(self.iterations):
+      slots, attention = aggregate(slots, keys, values)
+      slots = interact(slots.reshape(batch, self.groups, -1, dim)).reshape(
+          batch, -1, dim)
+    slots = _layer_norm(self.dtype, 'norm_output')(
+        _dense(dim, self.dtype, 'output')(slots))
+    return slots, attention
+
+
+class TextSlotFusion(nn.Module):
+  """Gathers slots with the text as the query (one pre-LN layer).
+
+  Attributes:
+    heads, head_dim: Attention over the slots.
+    dtype: Computation dtype.
+  """
+  heads: int = 4
+  head_dim: int = 256
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, text: jax.Array, slots: jax.Array, paired: bool
+               ) -> tuple[jax.Array, jax.Array]:
+    """Fuses text [T, D] with slots [I, K, D].
+
+    Args:
+      text: [T, D] expression embeddings.
+      slots: [I, K, D] the images' slots.
+      paired: I == T and text t goes with slots t only; otherwise every
+        text is fused with every image.
+
+    Returns:
+      z [T, I', D] (L2-normalised) and A_fuse [T, I', K] (softmax over the
+      slots, averaged over heads); I' = 1 when paired, else I.
+    """
+    dim = text.shape[-1]
+    width = self.heads * self.head_dim
+    q = _dense(width, self.dtype, 'query')(
+        _layer_norm(self.dtype, 'norm_text')(text)).reshape(
+            -1, self.heads, self.head_dim)
+    normed = _layer_norm(self.dtype, 'norm_slots')(slots)
+    k = _dense(width, self.dtype, 'key')(normed).reshape(
+        *slots.shape[:2], self.heads, self.head_dim)
+    v = _dense(width, self.dtype, 'value')(normed).reshape(k.shape)
+    if paired:  # Text t with slots t: T fusions, laid out as [T, 1, ...].
+      logits = jnp.einsum('thd,tkhd->thk', q, k)[:, None]
+      gather = lambda a: jnp.einsum('tihk,tkhd->tihd', a, v)
+    else:       # Every text with every image: T x I fusions.
+      logits = jnp.einsum('thd,ikhd->tihk', q, k)
+      gather = lambda a: jnp.einsum('tihk,ikhd->tihd', a, v)
+    attention = jax.nn.softmax(
+        logits.astype(jnp.float32) / np.sqrt(self.head_dim), axis=-1)
+    read = gather(attention.astype(self.dtype))
+    z = text[:, None] + _dense(dim, self.dtype, 'output')(
+        read.reshape(*read.shape[:2], width))
+    z = z + _Mlp(dtype=self.dtype, name='mlp')(
+        _layer_norm(self.dtype, 'norm_mlp')(z))
+    z = z.astype(jnp.float32)
+    z = z / (jnp.linalg.norm(z, axis=-1, keepdims=True) + _EPS)
+    return z, attention.mean(2)
+
+
+class SlotDecoder(nn.Module):
+  """Spatial-broadcast decoder: each slot paints features and an alpha.
+
+  Attributes:
+    num_positions: N patch positions.
+    features: Width of the reconstructed patch features.
+    hidden: Width of the 4-layer ReLU MLP.
+    dtype: Computation dtype.
+  """
+  num_positions: int
+  features: int
+  hidden: int = 512
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, slots: jax.Array) -> jax.Array:
+    """slots [B, K, D] -> reconstruction [B, N, features] (float32)."""
+    position = self.param('position', nn.initializers.normal(0.02),
+                          (self.num_positions, slots.shape[-1]))
+    x = slots[:, :, None] + position.astype(self.dtype)  # [B, K, N, D]
+    for i in range(3):
+      x = nn.relu(_dense(self.hidden, self.dtype, f'layer_{i}')(x))
+    out = _dense(self.features + 1, self.dtype, 'layer_3')(x).astype(
+        jnp.float32)
+    alpha = jax.nn.softmax(out[..., -1], axis=1)  # Over the slots.
+    return jnp.einsum('bkn,bknf->bnf', alpha, out[..., :-1])
+
+
+def min_max_normalise(maps: jax.Array) -> jax.Array:
+  """Per-example (x - min) / (max - min) of [B, ...] maps."""
+  axes = tuple(range(1, maps.ndim))
+  low = maps.min(axes, keepdims=True)
+  high = maps.max(axes, keepdims=True)
+  return (maps - low) / jnp.maximum(high - low, _EPS)
+
+
+class SaG(nn.Module):
+  """Shatter and Gather (see module doc).
+
+  Attributes:
+    vocab_size: Text vocabulary size.
+    vit_preset: Name in `vit.PRESETS`.
+    bert_preset: Name in `bert.PRESETS`.
+    image_size: The side the ViT's position embeddings are laid out for.
+    dim: Slot and joint embedding width (512 in the paper).
+    groups, slots_per_group, iterations: K_g, K_s, T.
+    heads, head_dim: Aggregation and fusion attention.
+    interaction_heads, interaction_head_dim: Interaction attention.
+    decoder_hidden: Width of the reconstruction decoder.
+    drop_path: The ViT's stochastic depth.
+    text_dropout: BERT's dropout rates; None keeps the preset's.
+    dtype: Computation dtype; params stay float32.
+  """
+  vocab_size: int = bert.BERT_VOCAB_SIZE
+  vit_preset: str = 'tiny'
+  bert_preset: str = 'tiny'
+  image_size: int = 128
+  dim: int = 512
+  groups: int = 18
+  slots_per_group: int = 2
+  iterations: int = 6
+  heads: int = 4
+  head_dim: int = 256
+  interaction_heads: int = 4
+  interaction_head_dim: int = 128
+  decoder_hidden: int = 512
+  drop_path: float = 0.0
+  text_dropout: float | None = None
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, images: jax.Array, text_tokens: jax.Array,
+               text_mask: jax.Array, train: bool,
+               all_pairs: bool = False) -> Dict[str, jax.Array]:
+    """Shatters the images, gathers for each expression.
+
+    Args:
+      images: uint8 [I, S, S, 3]; grouped batches (k expressions an image,
+        image-major as `refseg_jax.models.pks.PKS` reads them) have I =
+        T / k.
+      text_tokens, text_mask: [T, L].
+      train: ViT stochastic depth and BERT dropout (need a 'dropout' rng).
+      all_pairs: Also fuse every expression with every image (training).
+
+    Returns:
+      'mask' [T, h, w]: A_fuse . A_slot of each expression on its own
+      image's patch grid; 'patch_features' [I, N, width] (the ViT's) and
+      'reconstruction' [I, N, width] (the slot decoder's); with all_pairs,
+      'scores' [T, I] = stopgrad(x_t) . z_{t,i}.
+    """
+    tokens = vit.ViT(**vit.PRESETS[self.vit_preset],
+                     image_size=self.image_size, drop_path_rate=self.drop_path,
+                     dtype=self.dtype, name='backbone')(
+                         pks.normalise_images(images, self.dtype), train)
+    _, grid_h, grid_w, width = tokens['grid'].shape
+    features = _dense(self.dim, self.dtype, 'visual_projection')(
+        tokens['tokens'])
+    slots, slot_attention = EntityDiscovery(
+        self.groups, self.slots_per_group, self.iterations, self.heads,
+        self.head_dim, self.interaction_heads, self.interaction_head_dim,
+        self.dtype, name='entities')(
+            features, sine_position_encoding(grid_h, grid_w, self.dim))
+
+    dropout = {} if self.text_dropout is None else dict(
+        hidden_dropout_prob=self.text_dropout,
+        attention_probs_dropout_prob=self.text_dropout)
+    text = bert.BertEncoder(
+        bert.preset(self.bert_preset, self.vocab_size, **dropout), self.dtype,
+        name='text')(text_tokens, text_mask, train)['cls']
+    text = _dense(self.dim, self.dtype, 'text_projection')(text)
+
+    num_texts, num_images = text.shape[0], images.shape[0]
+    image_of = jnp.arange(num_texts) // pks.group_size(num_images, num_texts)
+    fusion = TextSlotFusion(self.heads, self.head_dim, self.dtype,
+                            name='fusion')
+    if all_pairs:
+      z, fuse = fusion(text, slots, paired=False)       # [T, I, ...]
+      scores = jnp.einsum('td,tid->ti',
+                          jax.lax.stop_gradient(text).astype(jnp.float32), z)
+      fuse = fuse[jnp.arange(num_texts), image_of]
+    else:
+      # Each expression with its own image only: T fusions, not T x I.
+      fuse = fusion(text, slots[image_of], paired=True)[1][:, 0]
+    mask = jnp.einsum('tk,tkn->tn', fuse, slot_attention[image_of])
+    outputs = {
+        'mask': mask.reshape(num_texts, grid_h, grid_w),
+        'patch_features': tokens['tokens'].astype(jnp.float32),
+        'reconstruction': SlotDecoder(grid_h * grid_w, width,
+                                      self.decoder_hidden, self.dtype,
+                                      name='decoder')(slots),
+    }
+    if all_pairs:
+      outputs['scores'] = scores
+    return outputs

@@ -1,0 +1,166 @@
+"""Shatter and Gather: module behaviour, the C^3 loss, text-only batches."""
+
+import functools
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from refseg_jax import config_lib
+from refseg_jax import losses
+from refseg_jax import train
+from refseg_jax.data import pipeline
+from refseg_jax.models import sag
+
+TEXT_CONFIG = pathlib.Path(__file__).parents[1] / 'configs' / 'text.py'
+SIZE = 32
+TOKENS = np.array([[1, 7, 12, 2], [1, 9, 2, 0], [1, 5, 6, 2], [1, 8, 2, 0]],
+                  np.int32)
+TEXT_MASK = (TOKENS > 0).astype(np.int32)
+
+
+@pytest.fixture(scope='module')
+def model_run():
+  """A small SaG on 2 images with 2 expressions each (grouped batch)."""
+  model = sag.SaG(vocab_size=16, image_size=SIZE, dim=16, groups=3,
+                  slots_per_group=2, iterations=2, heads=2, head_dim=8,
+                  interaction_heads=2, interaction_head_dim=8,
+                  decoder_hidden=16)
+  images = np.random.default_rng(0).integers(0, 255, (2, SIZE, SIZE, 3),
+                                             np.uint8)
+  rngs = {'params': jax.random.key(0), 'slots': jax.random.key(1)}
+  variables = jax.jit(functools.partial(model.init, train=False))(
+      rngs, images, TOKENS, TEXT_MASK)
+
+  @functools.partial(jax.jit, static_argnames='all_pairs')
+  def apply(slot_key, all_pairs):
+    return model.apply(variables, images, TOKENS, TEXT_MASK, train=False,
+                       all_pairs=all_pairs, rngs={'slots': slot_key},
+                       capture_intermediates=True, mutable=['intermediates'])
+  return apply
+
+
+def test_sine_position_encoding_values():
+  # 1 x 2 grid, dim 4 (one frequency): [sin y, cos y, sin x, cos x] with
+  # angles 2 pi (position + 0.5) / 2.
+  encoding = np.asarray(sag.sine_position_encoding(1, 2, 4))
+  angle_y, angle_x = np.pi * 0.5, np.pi * np.array([0.5, 1.5])
+  np.testing.assert_allclose(encoding[:, 0], np.sin(angle_y), atol=1e-6)
+  np.testing.assert_allclose(encoding[:, 1], np.cos(angle_y), atol=1e-6)
+  np.testing.assert_allclose(encoding[:, 2], np.sin(angle_x), atol=1e-6)
+  np.testing.assert_allclose(encoding[:, 3], np.cos(angle_x), atol=1e-6)
+
+
+def test_slot_attention_sums_to_one_over_slots(model_run):
+  _, state = model_run(jax.random.key(1), False)
+  slots, attention = state['intermediates']['entities']['__call__'][0]
+  assert slots.shape == (2, 6, 16) and attention.shape == (2, 6, 16)
+  np.testing.assert_allclose(np.asarray(attention).sum(1), 1.0, atol=1e-5)
+
+
+def test_mask_is_fuse_attention_times_slot_attention(model_run):
+  outputs, state = model_run(jax.random.key(1), False)
+  _, slot_attention = state['intermediates']['entities']['__call__'][0]
+  _, fuse = state['intermediates']['fusion']['__call__'][0]  # [T, 1, K]
+  image_of = np.array([0, 0, 1, 1])
+  expected = np.einsum('tk,tkn->tn', np.asarray(fuse)[:, 0],
+                       np.asarray(slot_attention)[image_of])
+  np.testing.assert_allclose(np.asarray(outputs['mask']).reshape(4, -1),
+                             expected, rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(np.asarray(fuse).sum(-1), 1.0, atol=1e-5)
+
+
+def test_all_pairs_fusion_agrees_with_own_image_fusion(model_run):
+  paired, _ = model_run(jax.random.key(1), False)
+  crossed, state = model_run(jax.random.key(1), True)
+  z, _ = state['intermediates']['fusion']['__call__'][0]
+  assert crossed['scores'].shape == (4, 2) and z.shape == (4, 2, 16)
+  np.testing.assert_allclose(np.linalg.norm(z, axis=-1), 1.0, atol=1e-5)
+  # The own-image mask is the same whether or not every pair was fused.
+  np.testing.assert_allclose(crossed['mask'], paired['mask'], atol=1e-6)
+  # Slots are drawn from the key: another key, other slots and masks.
+  other, _ = model_run(jax.random.key(2), False)
+  assert not np.allclose(other['mask'], paired['mask'])
+
+
+def test_same_image_pairs_are_exactly_the_other_copies():
+  # Images 0 and 2 are the same dataset image (id 5); 2 expressions each.
+  image_ids = jnp.array([5, 7, 5, 9])
+  image_of = jnp.arange(8) // 2
+  excluded = np.asarray(losses.same_image_pairs(image_ids, image_of))
+  expected = np.zeros((8, 4), bool)
+  expected[[0, 1], 2] = True   # Expressions of image 0: image 2 is a copy.
+  expected[[4, 5], 0] = True   # Expressions of image 2: image 0 is a copy.
+  np.testing.assert_array_equal(excluded, expected)
+
+
+def test_c3_loss_hand_computed():
+  scores = jnp.array([[1.0, 0.0, 3.0], [0.0, 2.0, 0.5]])
+  image_of = jnp.array([0, 1])
+  lse = lambda *x: np.log(np.sum(np.exp(x)))
+  expected = np.mean([lse(1.0, 0.0, 3.0) - 1.0, lse(0.0, 2.0, 0.5) - 2.0])
+  assert float(losses.c3_loss(scores, image_of)) == pytest.approx(
+      expected, rel=1e-6)
+  # Leaving image 2 out of expression 0's negatives removes its exp(3).
+  excluded = jnp.array([[False, False, True], [False, False, False]])
+  expected = np.mean([lse(1.0, 0.0) - 1.0, lse(0.0, 2.0, 0.5) - 2.0])
+  assert float(losses.c3_loss(scores, image_of, excluded)) == pytest.approx(
+      expected, rel=1e-6)
+
+
+def test_text_loss_warms_up_and_masks_same_image_by_default():
+  outputs = {'scores': jnp.array([[1.0, 3.0], [0.0, 2.0]]),
+             'reconstruction': jnp.ones((2, 4, 3)),
+             'patch_features': jnp.zeros((2, 4, 3))}
+  batch = {'image_id': jnp.array([5, 5])}  # The same image twice.
+  total, terms = losses.text_supervision_loss(outputs, batch, 50,
+                                              warmup_steps=100)
+  # Each expression's only negative is a copy of its own image: C^3 = 0.
+  assert float(terms['c3']) == pytest.approx(0.0, abs=1e-6)
+  assert float(terms['reconstruction']) == pytest.approx(1.0)
+  assert float(total) == pytest.approx(0.5 * (0.0 + 1.0), rel=1e-6)
+  _, official = losses.text_supervision_loss(
+      outputs, batch, 100, mask_same_image=False)
+  assert float(official['c3']) > 0.5
+
+
+def test_text_batches_hold_no_mask_box_or_click(tiny_config):
+  ds = pipeline.train_dataset(tiny_config, 'text', 8, seed=0)
+  batch = next(iter(tfds.as_numpy(ds)))
+  assert set(batch) == {'image', 'image_id', 'text_tokens', 'text_mask'}
+
+
+def test_text_training_is_blind_to_masks_boxes_and_clicks(
+    tiny_config, garbage_data_config):
+  garbage_config = garbage_data_config('mask', 'box', 'clicks')
+  first = lambda config, supervision: next(iter(tfds.as_numpy(
+      pipeline.train_dataset(config, supervision, 8, seed=0))))
+  # The garbage is real: click supervision sees other clicks...
+  assert not np.allclose(first(garbage_config, 'click')['clicks'],
+                         first(tiny_config, 'click')['clicks'])
+  # ...but the text batch and the text loss do not change at all.
+  batch, garbage_batch = first(tiny_config, 'text'), first(garbage_config,
+                                                           'text')
+  jax.tree.map(np.testing.assert_array_equal, batch, garbage_batch)
+  config = config_lib.load(f'{TEXT_CONFIG}:data=ref_shapes_tiny')
+  model = train.create_model(config.model, 64)
+  loss_fn = train.loss_function(config)
+
+  @jax.jit
+  def loss(batch):
+    tokens = batch['text_tokens'] % 64
+    rngs = {'params': jax.random.key(0), 'slots': jax.random.key(1)}
+    variables = model.init(rngs, batch['image'], tokens, batch['text_mask'],
+                           train=False)
+    outputs = model.apply(variables, batch['image'], tokens,
+                          batch['text_mask'], train=False, all_pairs=True,
+                          rngs={'slots': jax.random.key(2)})
+    return loss_fn(outputs, batch, 1000)
+
+  (total, terms), (garbage_total, garbage_terms) = loss(batch), loss(
+      garbage_batch)
+  assert float(total) == float(garbage_total) and np.isfinite(float(total))
+  assert jax.tree.map(float, terms) == jax.tree.map(float, garbage_terms)
