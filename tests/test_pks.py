@@ -237,3 +237,11 @@ def test_grouped_batch_equals_repeated_images(setup):
                                err_msg=key)
   with pytest.raises(ValueError, match='2 expressions cannot be split'):
     apply(variables, batch['image'][:1].repeat(3, axis=0), TOKENS, TEXT_MASK)
+
+
+def test_scale_gradient_scales_only_the_gradient():
+  f = lambda x: jnp.sum(pks.scale_gradient(x, 0.1) ** 2)
+  x = jnp.array([1.0, -2.0])
+  np.testing.assert_allclose(f(x), 5.0)
+  np.testing.assert_allclose(jax.grad(f)(x), 0.1 * 2 * x, rtol=1e-6)
+  assert pks.scale_gradient(x, 1.0) is x

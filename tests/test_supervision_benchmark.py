@@ -28,41 +28,57 @@ def test_table_rows_and_ratios_to_full():
   assert supervision.table(summary).splitlines()[-1] == '| text | n/a | n/a | n/a |'
 
 
-def test_modes_differ_only_in_supervision_and_click_noise():
+def test_modes_share_data_steps_and_seed_pks_modes_also_the_model():
   configs = {mode: supervision.mode_config(mode, '', '/data', 100, 50, 0.05)
              .to_dict() for mode in supervision.MODES}
+  without_noise = lambda data: {k: v for k, v in data.items()
+                                if k != 'click_noise'}
   for mode, config in configs.items():
-    for key in ('model', 'optimizer', 'batch_size', 'total_steps', 'seed',
-                'mesh', 'eval'):
+    for key in ('batch_size', 'total_steps', 'seed', 'mesh', 'eval'):
       assert config[key] == configs['full'][key], (mode, key)
-    assert {k: v for k, v in config['data'].items() if k != 'click_noise'} == {
-        k: v for k, v in configs['full']['data'].items() if k != 'click_noise'}
+    assert without_noise(config['data']) == without_noise(
+        configs['full']['data'])
+  # The same PKS; click scales the weak mask losses' gradient into the trunk.
+  trunk = lambda model: {k: v for k, v in model.items()
+                         if k != 'mask_trunk_gradient'}
+  for mode in ('click', 'click_noise'):
+    assert configs[mode]['optimizer'] == configs['full']['optimizer']
+    assert trunk(configs[mode]['model']) == trunk(configs['full']['model'])
+    assert configs[mode]['model']['mask_trunk_gradient'] == 0.1
+  assert configs['full']['model']['mask_trunk_gradient'] == 1.0
   assert configs['click']['loss'] == configs['click_noise']['loss']
-  assert [(c['supervision'], c['data']['click_noise'])
+  assert [(c['supervision'], c['model']['name'], c['data']['click_noise'])
           for c in configs.values()] == [
-              ('full', 0.0), ('click', 0.0), ('click', 0.05)]
+              ('full', 'pks', 0.0), ('click', 'pks', 0.0),
+              ('click', 'pks', 0.05), ('text', 'sag', 0.0)]
   assert configs['full']['eval']['every_steps'] == 50
   assert configs['full']['total_steps'] == 100
 
 
 def test_benchmark_run_writes_table_json_and_plot(tiny_data_dir, tmp_path):
-  # One mode keeps this smoke run short; the test above checks that the
-  # modes share their settings.
+  # Two weakly supervised modes keep this smoke run short; the test above
+  # checks that the modes share their settings.
   summary = supervision.run(
-      ['click_noise'], str(tmp_path), 'data=ref_shapes_tiny',
+      ['click_noise', 'text'], str(tmp_path), 'data=ref_shapes_tiny',
       data_dir=tiny_data_dir, total_steps=2, eval_every=2, click_noise=0.05)
 
   assert json.loads((tmp_path / 'supervision.json').read_text()) == summary
-  entry = summary['click_noise']
-  assert (entry['supervision'], entry['click_noise']) == ('click', 0.05)
-  assert set(entry['results']) == set(supervision.SPLITS)
-  for values in entry['results'].values():
-    assert all(0 <= values[c] <= 1 for c in supervision.COLUMNS)
-  # The curve's one point is the final evaluation.
-  assert entry['validation_curve'] == [{
-      'step': 2, 'mIoU': entry['results']['validation']['mIoU'],
-      'PointM': entry['results']['validation']['PointM']}]
+  assert [(e['supervision'], e['click_noise']) for e in summary.values()] == [
+      ('click', 0.05), ('text', 0.0)]
+  for entry in summary.values():
+    assert set(entry['results']) == set(supervision.SPLITS)
+    for values in entry['results'].values():
+      assert all(0 <= values[c] <= 1 for c in supervision.COLUMNS)
+    # The curve's one point is the final evaluation.
+    assert entry['validation_curve'] == [{
+        'step': 2, 'mIoU': entry['results']['validation']['mIoU'],
+        'PointM': entry['results']['validation']['PointM']}]
+    assert entry['wall_s'] > 0
   assert (tmp_path / 'supervision.md').read_text() == supervision.table(
       summary)
   picture = np.asarray(Image.open(tmp_path / 'supervision.png'))
   assert picture.shape[:2] == (400, 1000) and picture.std() > 0
+  # A second run reads the finished modes instead of training them again.
+  assert supervision.run(['text'], str(tmp_path), 'data=ref_shapes_tiny',
+                         data_dir=tiny_data_dir, total_steps=2,
+                         eval_every=2)['text'] == summary['text']

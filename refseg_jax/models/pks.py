@@ -283,6 +283,13 @@ def group_size(num_images: int, num_expressions: int) -> int:
   return num_expressions // num_images
 
 
+def scale_gradient(x: jax.Array, scale: float) -> jax.Array:
+  """x in the forward pass; the gradient through it times `scale`."""
+  if scale == 1.0:
+    return x
+  return scale * x + (1.0 - scale) * jax.lax.stop_gradient(x)
+
+
 def _head(x: jax.Array, dim: int, out: int, dtype: Dtype, name: str,
           **out_kwargs: Any) -> jax.Array:
   """3x3 conv + ReLU + 1x1 conv prediction head (`out_kwargs`: its init)."""
@@ -304,6 +311,8 @@ class PKS(nn.Module):
       then also merges ResNet stage 1).
     context_layers: Transformer layers over the fused grid before the
       position heads (`SpatialContext`).
+    mask_trunk_gradient: Scale of the mask losses' gradient into the shared
+      backbone and neck (1 = unscaled; weak mask losses are noisier).
     text_dropout: BERT's dropout rates; None keeps the preset's (0.1).
     dtype: Computation dtype (e.g. jnp.bfloat16); params stay float32.
     frozen_bn: Always use the ResNet's BN running averages.
@@ -317,6 +326,7 @@ class PKS(nn.Module):
   mask_layers: int = 3
   mask_stride: int = 8
   context_layers: int = 1
+  mask_trunk_gradient: float = 1.0
   text_dropout: Optional[float] = None
   dtype: Dtype = jnp.float32
   frozen_bn: bool = False
@@ -383,9 +393,10 @@ class PKS(nn.Module):
     # CondInst's controller init (normal, std 0.01): small dynamic weights
     # start the mask logits near 0, where every mask loss has a gradient
     # (lecun-normal kernels start them at |logit| ~ 10, saturated).
-    kernels = _head(visual, self.dim, n_kernel, self.dtype, 'kernel',
+    trunk = lambda x: scale_gradient(x, self.mask_trunk_gradient)
+    kernels = _head(trunk(visual), self.dim, n_kernel, self.dtype, 'kernel',
                     kernel_init=nn.initializers.normal(0.01))
-    mask_features = _head(levels[self.mask_stride], self.dim,
+    mask_features = _head(trunk(levels[self.mask_stride]), self.dim,
                           self.mask_channels, self.dtype, 'mask')
 
     if centre is None:
