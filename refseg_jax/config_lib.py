@@ -92,8 +92,9 @@ def loss_config(supervision: str) -> ml_collections.ConfigDict:
   Weights are those of `refseg_jax.losses.DEFAULT_WEIGHTS` (full) and
   `CLICK_DEFAULT_WEIGHTS` (click); the click settings are BoxInst's
   (AdelaiDet defaults) except the pairwise warm-up, which BoxInst runs over
-  10,000 of ~90,000 iterations: the same ninth of the default 1,300 steps
-  is 150.
+  10,000 of ~90,000 iterations: a ninth of the run, 150 steps here (the
+  default run was 1,300 steps when this was set; grouped batches have
+  since made it 2,050).
   """
   if supervision == 'full':
     return ml_collections.ConfigDict(dict(

@@ -74,17 +74,22 @@ PRESETS = {
 
 
 def preset(name: str, vocab_size: int = BERT_VOCAB_SIZE,
-           **overrides: Any) -> BertConfig:
+           dropout: float | None = None, **overrides: Any) -> BertConfig:
   """The preset `name` of `PRESETS` with its vocabulary size set.
 
   Args:
     name: One of 'tiny', 'mini', 'small', 'base'.
     vocab_size: Vocabulary size (BERT's 30522 by default; ref_shapes has 43).
+    dropout: Both dropout rates (hidden and attention); None keeps the
+      preset's (0.1).
     **overrides: Further `BertConfig` fields to replace.
 
   Returns:
     The config.
   """
+  if dropout is not None:
+    overrides.update(hidden_dropout_prob=dropout,
+                     attention_probs_dropout_prob=dropout)
   return dataclasses.replace(PRESETS[name], vocab_size=vocab_size, **overrides)
 
 

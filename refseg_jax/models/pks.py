@@ -366,12 +366,9 @@ class PKS(nn.Module):
     levels = Neck(self.dim, self.dtype, self.mask_stride == 4,
                   name='neck')(features)
     visual = levels[8]
-    dropout = {} if self.text_dropout is None else dict(
-        hidden_dropout_prob=self.text_dropout,
-        attention_probs_dropout_prob=self.text_dropout)
     words = bert.BertEncoder(
-        bert.preset(self.bert_preset, self.vocab_size, **dropout), self.dtype,
-        name='text')(text_tokens, text_mask, train)['hidden']
+        bert.preset(self.bert_preset, self.vocab_size, self.text_dropout),
+        self.dtype, name='text')(text_tokens, text_mask, train)['hidden']
 
     # Grouped batches (k expressions per image, image-major): the image side
     # ran once per image; each expression reads its image's features.

@@ -354,12 +354,9 @@ class SaG(nn.Module):
         self.dtype, name='entities')(
             features, sine_position_encoding(grid_h, grid_w, self.dim))
 
-    dropout = {} if self.text_dropout is None else dict(
-        hidden_dropout_prob=self.text_dropout,
-        attention_probs_dropout_prob=self.text_dropout)
     text = bert.BertEncoder(
-        bert.preset(self.bert_preset, self.vocab_size, **dropout), self.dtype,
-        name='text')(text_tokens, text_mask, train)['cls']
+        bert.preset(self.bert_preset, self.vocab_size, self.text_dropout),
+        self.dtype, name='text')(text_tokens, text_mask, train)['cls']
     text = _dense(self.dim, self.dtype, 'text_projection')(text)
 
     num_texts, num_images = text.shape[0], images.shape[0]
