@@ -10,7 +10,9 @@ batch holds a mask, box or click.
 
 Default (`data=ref_shapes,model=tiny`): the built-in 128 px benchmark with
 a tiny ViT (patch 8) + BERT, 16 slots (8 Gaussians x 2), 3 iterations,
-2,050 steps of 32 expressions (16 images). EXPECTED_TIME_AND_RESULT.
+2,050 steps of 32 expressions (16 images). Measured on a 2-core CPU: 795 s
+with a validation every 325 steps, and it does not learn yet: validation
+mIoU 2.6, PointM 4.4 (the C^3 loss stays near chance; see README.md).
 
 Variants, big_vision style, after a colon:
 
