@@ -29,6 +29,8 @@ setuptools.setup(
         'orbax-checkpoint>=0.12.8,<0.13',
         'pillow>=13,<14',
         'pycocotools>=2.0.11,<2.1',
+        # Pretrained checkpoints (refseg_jax.models.convert).
+        'safetensors>=0.8,<0.9',
         # Data only: the CPU build where one exists.
         'tensorflow-cpu>=2.21,<2.22; platform_system == "Linux"',
         'tensorflow>=2.21,<2.22; platform_system != "Linux"',
@@ -38,5 +40,11 @@ setuptools.setup(
         # 5.x: BertTokenizerFast(vocab=...) (4.x called it vocab_file).
         'transformers>=5.23,<6',
     ],
-    extras_require={'test': ['pytest>=9.2,<10']},
+    extras_require={'test': [
+        'pytest>=9.2,<10',
+        # The checkpoint parity tests' reference models, run on CPU: take
+        # the CPU wheel (--extra-index-url
+        # https://download.pytorch.org/whl/cpu), not GBs of CUDA packages.
+        'torch==2.13.0',
+    ]},
 )

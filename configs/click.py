@@ -20,6 +20,10 @@ Variants, big_vision style, after a colon:
     --config=configs/click.py:model=r101             # paper scale: ResNet-101
                                                      # + BERT-base, bf16,
                                                      # pairwise warm-up 10k
+    --config=configs/click.py:data=refcoco_unc       # RefCOCO (UNC), 480 px,
+        # eval val/testA/testB; also refcoco_google, refcocoplus_unc,
+        # refcocog_umd, refcocog_google. Build it and set
+        # --config.data.tokenizer first (docs/refcoco.md).
 
 Annotator noise on the clicks (a fraction of the box size):
 `--config.data.click_noise=0.05`. `python -m refseg_jax.benchmarks.supervision`

@@ -13,6 +13,10 @@ Variants, big_vision style, after a colon:
     --config=configs/full.py:data=ref_shapes_tiny    # 64 px smoke test
     --config=configs/full.py:model=r101              # paper scale: ResNet-101
                                                      # + BERT-base, bf16
+    --config=configs/full.py:data=refcoco_unc        # RefCOCO (UNC), 480 px,
+        # eval val/testA/testB; also refcoco_google, refcocoplus_unc,
+        # refcocog_umd, refcocog_google. Build it and set
+        # --config.data.tokenizer first (docs/refcoco.md).
 
 and any entry can be overridden: `--config.total_steps=500`.
 """

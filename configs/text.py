@@ -19,6 +19,10 @@ Variants, big_vision style, after a colon:
     --config=configs/text.py:data=ref_shapes_tiny   # 64 px smoke test
     --config=configs/text.py:model=paper            # ViT-S/16 @384, BERT-base,
         # 18 x 2 slots, AdamW 1e-5 (ViT 0.1x), grad-clip 0.1, loss warm-up 5k
+    --config=configs/text.py:data=refcoco_unc,model=paper  # RefCOCO (UNC),
+        # eval val/testA/testB; also refcoco_google, refcocoplus_unc,
+        # refcocog_umd, refcocog_google. Build it and set
+        # --config.data.tokenizer first (docs/refcoco.md).
 
 `--config.loss.mask_same_image=False` counts other copies of an
 expression's own image as negatives, as the official code does.

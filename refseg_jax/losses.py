@@ -420,9 +420,10 @@ def c3_loss(scores: jax.Array, image_of: jax.Array,
 
 
 def reconstruction_loss(reconstruction: jax.Array,
-                        patch_features: jax.Array) -> jax.Array:
-  """MSE of the slot decoder's output to the (detached) ViT patch features."""
-  target = jax.lax.stop_gradient(patch_features.astype(jnp.float32))
+                        target: jax.Array) -> jax.Array:
+  """MSE of the slot decoder's output to its (detached) target: the ViT
+  patch features or the patch pixels (`SaG.reconstruct`)."""
+  target = jax.lax.stop_gradient(target.astype(jnp.float32))
   return jnp.mean((reconstruction.astype(jnp.float32) - target)**2)
 
 
@@ -453,7 +454,7 @@ def text_supervision_loss(
   terms = {
       'c3': c3_loss(outputs['scores'], image_of, excluded),
       'reconstruction': reconstruction_loss(outputs['reconstruction'],
-                                            outputs['patch_features']),
+                                            outputs['reconstruction_target']),
   }
   total = sum(weights[k] * v for k, v in terms.items())
   return linear_warmup(step, warmup_steps) * total, terms

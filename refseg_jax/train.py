@@ -38,6 +38,7 @@ from clu import metric_writers
 from clu import periodic_actions
 from etils import epath
 import flax.linen as nn
+from flax import traverse_util
 from flax.training import train_state
 import jax
 from jax.experimental import multihost_utils
@@ -54,6 +55,7 @@ from refseg_jax import visualize
 from refseg_jax.data import build
 from refseg_jax.data import pipeline
 from refseg_jax.evaluation import metrics as res_metrics
+from refseg_jax.models import convert
 from refseg_jax.models import pks
 from refseg_jax.models import sag
 
@@ -157,9 +159,47 @@ def _dummy_inputs(config: ml_collections.ConfigDict) -> tuple[jax.Array, ...]:
           jnp.zeros((1, length), jnp.int32), jnp.ones((1, length), jnp.int32))
 
 
+def init_variables(config: ml_collections.ConfigDict, model: nn.Module,
+                   rng: jax.Array) -> dict[str, Any]:
+  """`model`'s freshly initialised variables for `config`'s input shapes."""
+  return model.init({'params': rng, 'slots': rng}, *_dummy_inputs(config),
+                    train=False)
+
+
+def _load_model_init(config: ml_collections.ConfigDict, state: TrainState,
+                     shardings: Any) -> TrainState:
+  """`state` with the pretrained modules `config.model_init` names.
+
+  `refseg_jax.models.convert` reads and checks them (a shape mismatch is an
+  error naming the tensor); every host reads the files and places its own
+  shards.
+  """
+  variables = {'params': state.params, 'batch_stats': state.batch_stats}
+  loaded = {}
+  for name, converted in convert.load_modules(config.model_init,
+                                              variables).items():
+    for (collection, *rest), value in traverse_util.flatten_dict(
+        converted.variables).items():
+      loaded[(collection, name, *rest)] = value
+
+  def pick(path, current, target_sharding):
+    value = loaded.get(tuple(k.key for k in path))
+    if value is None:
+      return current
+    return jax.make_array_from_callback(value.shape, target_sharding,
+                                        lambda index: value[index])
+
+  variables = jax.tree_util.tree_map_with_path(
+      pick, variables,
+      {'params': shardings.params, 'batch_stats': shardings.batch_stats})
+  return state.replace(**variables)
+
+
 def create_train_state(config: ml_collections.ConfigDict, model: nn.Module,
                        mesh: jax.sharding.Mesh) -> tuple[TrainState, Any]:
   """Initialises the train state directly into its shardings.
+
+  The modules `config.model_init` names then take their pretrained weights.
 
   Returns:
     (state, state shardings): parameters of at least `config.fsdp_min_size`
@@ -168,8 +208,7 @@ def create_train_state(config: ml_collections.ConfigDict, model: nn.Module,
   tx = make_optimizer(config.optimizer, config.total_steps)
 
   def init(rng: jax.Array) -> TrainState:
-    variables = model.init({'params': rng, 'slots': rng},
-                           *_dummy_inputs(config), train=False)
+    variables = init_variables(config, model, rng)
     return TrainState.create(apply_fn=model.apply, params=variables['params'],
                              batch_stats=variables.get('batch_stats', {}),
                              tx=tx)
@@ -179,7 +218,7 @@ def create_train_state(config: ml_collections.ConfigDict, model: nn.Module,
   shardings = sharding.param_shardings(shapes, mesh, config.fsdp_axis or None,
                                        config.fsdp_min_size)
   state = jax.jit(init, out_shardings=shardings)(rng)
-  return state, shardings
+  return _load_model_init(config, state, shardings), shardings
 
 
 def loss_function(config: ml_collections.ConfigDict) -> Callable[..., Any]:

@@ -1,9 +1,16 @@
 """Shared fixtures: the tiny ref_shapes dataset, built once per session."""
 
 import os
+import shutil
+import tempfile
 
 # Several fake CPU devices, as a pod slice would have; set before jax loads.
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
+# JAX's persistent compilation cache, for this session only: the end-to-end
+# tests compile the same tiny train, eval and init steps in this process
+# and in the `refseg_jax.main` subprocesses (which inherit the variable).
+_COMPILATION_CACHE = tempfile.mkdtemp(prefix='refseg_jax_tests_xla_')
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', _COMPILATION_CACHE)
 
 import pytest  # pylint: disable=g-import-not-at-top
 
@@ -11,6 +18,11 @@ from refseg_jax.data import build  # pylint: disable=g-import-not-at-top
 from refseg_jax.data import pipeline  # pylint: disable=g-import-not-at-top
 
 TINY = 'ref_shapes/tiny'
+
+
+def pytest_sessionfinish(session, exitstatus):
+  del session, exitstatus
+  shutil.rmtree(_COMPILATION_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(scope='session')

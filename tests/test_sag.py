@@ -114,7 +114,7 @@ def test_c3_loss_hand_computed():
 def test_text_loss_warms_up_and_masks_same_image_by_default():
   outputs = {'scores': jnp.array([[1.0, 3.0], [0.0, 2.0]]),
              'reconstruction': jnp.ones((2, 4, 3)),
-             'patch_features': jnp.zeros((2, 4, 3))}
+             'reconstruction_target': jnp.zeros((2, 4, 3))}
   batch = {'image_id': jnp.array([5, 5])}  # The same image twice.
   total, terms = losses.text_supervision_loss(outputs, batch, 50,
                                               warmup_steps=100)
@@ -164,3 +164,26 @@ def test_text_training_is_blind_to_masks_boxes_and_clicks(
       garbage_batch)
   assert float(total) == float(garbage_total) and np.isfinite(float(total))
   assert jax.tree.map(float, terms) == jax.tree.map(float, garbage_terms)
+
+
+def test_patch_pixels_lays_out_patches_row_major():
+  # A 4 x 6 image of 2 x 3 patches: pixel value = 10 * row + column.
+  image = (10 * np.arange(4)[:, None] + np.arange(6)[None, :]).astype(
+      np.float32)[None, :, :, None]
+  patches = np.asarray(sag.patch_pixels(jnp.asarray(image), 2, 2))
+  assert patches.shape == (1, 4, 6)
+  np.testing.assert_array_equal(patches[0, 0], [0, 1, 2, 10, 11, 12])
+  np.testing.assert_array_equal(patches[0, 1], [3, 4, 5, 13, 14, 15])
+  np.testing.assert_array_equal(patches[0, 3], [23, 24, 25, 33, 34, 35])
+
+
+def test_pool_text_cls_or_mean_of_real_tokens():
+  hidden = jnp.arange(2 * 3 * 2, dtype=jnp.float32).reshape(2, 3, 2)
+  encoded = {'hidden': hidden, 'cls': hidden[:, 0]}
+  text_mask = jnp.array([[1, 1, 0], [1, 1, 1]])
+  np.testing.assert_array_equal(sag.pool_text(encoded, text_mask, 'cls'),
+                                hidden[:, 0])
+  np.testing.assert_allclose(sag.pool_text(encoded, text_mask, 'mean'),
+                             [[1.0, 2.0], [8.0, 9.0]])
+  with pytest.raises(ValueError, match="text_pooling='max'"):
+    sag.pool_text(encoded, text_mask, 'max')

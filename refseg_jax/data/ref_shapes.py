@@ -15,6 +15,7 @@ Build: `python -m refseg_jax.data.build --dataset=ref_shapes/tiny`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import importlib.resources
@@ -43,8 +44,8 @@ _SPECIAL_TOKENS = ('[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]')
 # Keeps ids disjoint across splits and sentence ids within int32.
 _IMAGE_ID_BASE = {split: i * 1_000_000 for i, split in enumerate(SPLITS)}
 _MAX_OBJECTS = 10  # Object and ref ids are image_id * _MAX_OBJECTS + index.
-# Below this many images per worker, starting processes costs more than
-# it saves.
+# Below this many images per worker (over all splits), starting processes
+# costs more than it saves.
 _MIN_IMAGES_PER_WORKER = 2_000
 
 
@@ -132,8 +133,31 @@ class RefShapes(tfds.core.GeneratorBasedBuilder):
         description=__doc__)
 
   def _download_and_prepare(self, dl_manager, download_config):
-    with features_lib.deterministic_serialization():
+    with features_lib.deterministic_serialization(), self._worker_pool():
       return super()._download_and_prepare(dl_manager, download_config)
+
+  @contextlib.contextmanager
+  def _worker_pool(self):
+    """Worker processes that render the scenes of every split.
+
+    One pool serves all splits: starting one costs ~5 s (each worker
+    imports TensorFlow), so the small splits get workers for free. Scenes
+    are independent ('spawn': forking a process that runs TensorFlow is
+    unsafe), and each image's RNG depends only on (seed, split, index), so
+    the records do not depend on the number of workers.
+    """
+    total = sum(self.builder_config.num_images.values())
+    workers = min(os.cpu_count() or 1, total // _MIN_IMAGES_PER_WORKER)
+    if workers < 2:
+      self._pool = None
+      yield
+      return
+    with multiprocessing.get_context('spawn').Pool(workers) as pool:
+      self._pool = pool
+      try:
+        yield
+      finally:
+        self._pool = None
 
   def _split_generators(self, dl_manager):
     del dl_manager  # Nothing to download.
@@ -142,13 +166,7 @@ class RefShapes(tfds.core.GeneratorBasedBuilder):
   def _generate_examples(self, split: str):
     count = self.builder_config.num_images[split]
     generate = functools.partial(_tfds_example, self.builder_config, split)
-    workers = min(os.cpu_count() or 1, max(1, count // _MIN_IMAGES_PER_WORKER))
-    if workers == 1:
-      yield from enumerate(map(generate, range(count)))
-      return
-    # Scenes are independent, so worker processes render them ('spawn':
-    # forking a process that runs TensorFlow is unsafe). imap keeps the
-    # order, and each image's RNG depends only on (seed, split, index), so
-    # the records do not depend on the number of workers.
-    with multiprocessing.get_context('spawn').Pool(workers) as pool:
-      yield from enumerate(pool.imap(generate, range(count), chunksize=64))
+    # imap keeps the order.
+    images = (self._pool.imap(generate, range(count), chunksize=64)
+              if self._pool else map(generate, range(count)))
+    yield from enumerate(images)

@@ -279,6 +279,30 @@ class SlotDecoder(nn.Module):
     return jnp.einsum('bkn,bknf->bnf', alpha, out[..., :-1])
 
 
+def patch_pixels(images: jax.Array, grid_h: int, grid_w: int) -> jax.Array:
+  """[B, H, W, C] images -> [B, grid_h * grid_w, p_h * p_w * C] patches,
+  row-major over the grid, each patch flattened (row, column, channel)."""
+  batch, height, width, channels = images.shape
+  p_h, p_w = height // grid_h, width // grid_w
+  patches = images[:, :grid_h * p_h, :grid_w * p_w].reshape(
+      batch, grid_h, p_h, grid_w, p_w, channels).transpose(0, 1, 3, 2, 4, 5)
+  return patches.reshape(batch, grid_h * grid_w, p_h * p_w * channels)
+
+
+def pool_text(encoded: Dict[str, jax.Array], text_mask: jax.Array,
+              pooling: str) -> jax.Array:
+  """[T, D] expression vectors from `bert.BertEncoder` outputs: the [CLS]
+  state ('cls') or the mean of the real tokens' states ('mean')."""
+  if pooling == 'cls':
+    return encoded['cls']
+  if pooling == 'mean':
+    weights = text_mask.astype(encoded['hidden'].dtype)[..., None]
+    return (encoded['hidden'] * weights).sum(1) / jnp.maximum(
+        weights.sum(1), 1.0)
+  raise ValueError(f"Unknown SaG text_pooling={pooling!r}; known: "
+                   "['cls', 'mean'].")
+
+
 def min_max_normalise(maps: jax.Array) -> jax.Array:
   """Per-example (x - min) / (max - min) of [B, ...] maps."""
   axes = tuple(range(1, maps.ndim))
@@ -300,6 +324,17 @@ class SaG(nn.Module):
     heads, head_dim: Aggregation and fusion attention.
     interaction_heads, interaction_head_dim: Interaction attention.
     decoder_hidden: Width of the reconstruction decoder.
+    reconstruct: What the slot decoder reconstructs: 'features', the ViT's
+      patch tokens (the official code; its ViT is pretrained), or
+      'pixels', each patch's normalised pixels, as Slot Attention does.
+      A ViT trained from scratch can make its tokens constant, which makes
+      feature reconstruction trivial and the slots blind (measured on
+      `ref_shapes`: C^3 stuck at log B); pixels cannot collapse.
+    text_pooling: The expression's vector x_t: 'cls', BERT's [CLS] state
+      (the official code; its BERT is pretrained), or 'mean', the mean of
+      the token states. A BERT trained from scratch gives nearly the same
+      [CLS] for every expression at first, so C^3 has nothing to match
+      and settles at log B; the mean starts out as a bag of words.
     drop_path: The ViT's stochastic depth.
     text_dropout: BERT's dropout rates; None keeps the preset's.
     dtype: Computation dtype; params stay float32.
@@ -317,6 +352,8 @@ class SaG(nn.Module):
   interaction_heads: int = 4
   interaction_head_dim: int = 128
   decoder_hidden: int = 512
+  reconstruct: str = 'features'
+  text_pooling: str = 'cls'
   drop_path: float = 0.0
   text_dropout: float | None = None
   dtype: Dtype = jnp.float32
@@ -337,14 +374,15 @@ class SaG(nn.Module):
 
     Returns:
       'mask' [T, h, w]: A_fuse . A_slot of each expression on its own
-      image's patch grid; 'patch_features' [I, N, width] (the ViT's) and
-      'reconstruction' [I, N, width] (the slot decoder's); with all_pairs,
+      image's patch grid; 'reconstruction_target' [I, N, F] (see
+      `reconstruct`) and 'reconstruction' [I, N, F] (the slot decoder's);
+      with all_pairs,
       'scores' [T, I] = stopgrad(x_t) . z_{t,i}.
     """
+    pixels = pks.normalise_images(images, self.dtype)
     tokens = vit.ViT(**vit.PRESETS[self.vit_preset],
                      image_size=self.image_size, drop_path_rate=self.drop_path,
-                     dtype=self.dtype, name='backbone')(
-                         pks.normalise_images(images, self.dtype), train)
+                     dtype=self.dtype, name='backbone')(pixels, train)
     _, grid_h, grid_w, width = tokens['grid'].shape
     features = _dense(self.dim, self.dtype, 'visual_projection')(
         tokens['tokens'])
@@ -354,10 +392,11 @@ class SaG(nn.Module):
         self.dtype, name='entities')(
             features, sine_position_encoding(grid_h, grid_w, self.dim))
 
-    text = bert.BertEncoder(
+    encoded = bert.BertEncoder(
         bert.preset(self.bert_preset, self.vocab_size, self.text_dropout),
-        self.dtype, name='text')(text_tokens, text_mask, train)['cls']
-    text = _dense(self.dim, self.dtype, 'text_projection')(text)
+        self.dtype, name='text')(text_tokens, text_mask, train)
+    text = _dense(self.dim, self.dtype, 'text_projection')(
+        pool_text(encoded, text_mask, self.text_pooling))
 
     num_texts, num_images = text.shape[0], images.shape[0]
     image_of = jnp.arange(num_texts) // pks.group_size(num_images, num_texts)
@@ -372,10 +411,17 @@ class SaG(nn.Module):
       # Each expression with its own image only: T fusions, not T x I.
       fuse = fusion(text, slots[image_of], paired=True)[1][:, 0]
     mask = jnp.einsum('tk,tkn->tn', fuse, slot_attention[image_of])
+    if self.reconstruct == 'features':
+      target = tokens['tokens']
+    elif self.reconstruct == 'pixels':
+      target = patch_pixels(pixels, grid_h, grid_w)
+    else:
+      raise ValueError(f'Unknown SaG reconstruct={self.reconstruct!r}; '
+                       "known: ['features', 'pixels'].")
     outputs = {
         'mask': mask.reshape(num_texts, grid_h, grid_w),
-        'patch_features': tokens['tokens'].astype(jnp.float32),
-        'reconstruction': SlotDecoder(grid_h * grid_w, width,
+        'reconstruction_target': target.astype(jnp.float32),
+        'reconstruction': SlotDecoder(grid_h * grid_w, target.shape[-1],
                                       self.decoder_hidden, self.dtype,
                                       name='decoder')(slots),
     }

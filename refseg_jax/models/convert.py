@@ -1,0 +1,490 @@
+r"""Pretrained PyTorch / Hugging Face weights for the project's encoders.
+
+Reads a local (or gs://) checkpoint and returns flax variables for one of the
+encoder modules: `bert.BertEncoder`, `vit.ViT` or `resnet.ResNet`. What the
+checkpoint may be (docs/pretrained.md has the table):
+
+* a Hugging Face model directory (`model.safetensors`, else
+  `pytorch_model.bin`) of `BertModel`, `ViTModel` or `ResNetModel`, or of a
+  task model around one (`BertFor*`, `ViTFor*`, `ResNetFor*`);
+* a timm ViT (`vit_*_patch16_*`) or torchvision ResNet state dict, as a
+  `.safetensors` file or a pickled `.bin` / `.pth` / `.pt` file;
+* an orbax checkpoint written by this module's command line (below).
+
+Pickled files are read with `torch.load(weights_only=True)`, which builds
+tensors and refuses to run pickled code; only they need torch.
+
+How a checkpoint key finds its flax variable, one mechanism for every format:
+
+1. A task model's prefix (`bert.`, `vit.`, `resnet.`) is dropped, and
+   Hugging Face names are renamed to the *canonical* names by the
+   architecture's regex rules: HF's for BERT, timm's for ViT (whose HF
+   query/key/value are then fused into timm's `qkv`), torchvision's for
+   ResNet. Canonical names pass through unchanged.
+2. A canonical key becomes a flax path: a `.` before a number becomes `_`
+   (`blocks.3.` -> `blocks_3/`, `layer1.0.` -> `layer1_0/`), other dots `/`.
+3. The leaf is renamed by what the model has there: `weight` -> `kernel`
+   (linear: transposed; conv: OIHW -> HWIO), `scale` (norms) or `embedding`;
+   `running_mean` / `running_var` -> the `batch_stats` `mean` / `var`.
+
+Shapes are then checked against the model; the first mismatch is an error
+naming the checkpoint key, the flax path and both shapes. The one exception
+is a ViT `pos_embed` laid out for another image size: its grid is resized
+with `vit.interpolate_pos_embed` (bilinear, aligned corners: the resize the
+model itself applies to other input sizes), the class token kept. Checkpoint
+tensors without a place in the model (classifier heads, a pooler the model
+lacks) are returned and logged as unused, model variables the checkpoint
+lacks as missing; the buffers `position_ids` and `num_batches_tracked` are
+skipped silently.
+
+Command line: convert once, for the encoders a training config's
+`model_init` names, into orbax checkpoints that later runs read directly:
+
+    python -m refseg_jax.models.convert --config=configs/text.py:model=paper \
+        --config.model_init.backbone=/ckpt/vit_small_patch16_384.safetensors \
+        --config.model_init.text=/ckpt/bert-base-uncased \
+        --config.data.tokenizer=/ckpt/bert-base-uncased --output=/ckpt/sag
+
+writes `/ckpt/sag/backbone` and `/ckpt/sag/text`; then train with
+`--config.model_init.backbone=/ckpt/sag/backbone` (and `.text=...`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import io
+import math
+import re
+from typing import Any, Callable, Mapping
+
+from absl import app
+from absl import flags
+from absl import logging
+from etils import epath
+from flax import traverse_util
+import jax
+from ml_collections import config_flags
+import numpy as np
+import orbax.checkpoint as ocp
+import safetensors.numpy
+
+from refseg_jax.models import vit
+
+Path = tuple[str, ...]
+# A flax variable path (collection first) -> (array, the checkpoint key(s)).
+Tensors = dict[Path, tuple[np.ndarray, str]]
+
+# Files looked for, in order, in a Hugging Face (or timm hub) directory.
+HF_WEIGHT_FILES = ('model.safetensors', 'pytorch_model.bin')
+# Buffers that are no weights: dropped without being reported as unused.
+_SKIPPED = re.compile(r'(^|\.)(position_ids|num_batches_tracked)$')
+# Older checkpoints name LayerNorm parameters as TensorFlow did.
+_COMMON_RENAMES = ((r'\.gamma$', '.weight'), (r'\.beta$', '.bias'))
+# Where a torch leaf may go: (collection, flax leaf), the first the model has.
+_LEAVES = {
+    'weight': (('params', 'kernel'), ('params', 'scale'),
+               ('params', 'embedding')),
+    'running_mean': (('batch_stats', 'mean'),),
+    'running_var': (('batch_stats', 'var'),),
+}
+
+Rename = tuple[str, str | Callable[[re.Match], str]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Architecture:
+  """How checkpoints of one encoder family name their tensors.
+
+  Attributes:
+    name: 'bert', 'vit' or 'resnet'.
+    marker: A top-level module only this family's flax params have.
+    prefix: Prefix of the encoder's keys inside a task model, dropped.
+    renames: (regex, replacement) rules, applied in order to every key,
+      from Hugging Face names to the canonical ones.
+    fuse: (fused, parts): the modules `*.parts[i]` whose weights and biases
+      are concatenated (torch's output axis) into one module `*.fused`.
+  """
+  name: str
+  marker: str
+  prefix: str
+  renames: tuple[Rename, ...] = ()
+  fuse: tuple[str, tuple[str, ...]] | None = None
+
+
+_BLOCK = r'^(blocks\.\d+)\.'
+ARCHITECTURES = (
+    # Canonical names are Hugging Face's (see `bert` module doc).
+    Architecture('bert', marker='embeddings', prefix='bert.'),
+    # Canonical names are timm's (see `vit` module doc).
+    Architecture('vit', marker='patch_embed', prefix='vit.', renames=(
+        (r'^embeddings\.cls_token$', 'cls_token'),
+        (r'^embeddings\.position_embeddings$', 'pos_embed'),
+        (r'^embeddings\.patch_embeddings\.projection\.', 'patch_embed.proj.'),
+        (r'^encoder\.layer\.(\d+)\.', r'blocks.\1.'),
+        (_BLOCK + r'attention\.attention\.', r'\1.attn.'),
+        (_BLOCK + r'attention\.output\.dense\.', r'\1.attn.proj.'),
+        (_BLOCK + r'layernorm_before\.', r'\1.norm1.'),
+        (_BLOCK + r'layernorm_after\.', r'\1.norm2.'),
+        (_BLOCK + r'intermediate\.dense\.', r'\1.mlp.fc1.'),
+        (_BLOCK + r'output\.dense\.', r'\1.mlp.fc2.'),
+        (r'^layernorm\.', 'norm.'),
+    ), fuse=('qkv', ('query', 'key', 'value'))),
+    # Canonical names are torchvision's (see `resnet` module doc).
+    Architecture('resnet', marker='conv1', prefix='resnet.', renames=(
+        (r'^embedder\.embedder\.convolution\.', 'conv1.'),
+        (r'^embedder\.embedder\.normalization\.', 'bn1.'),
+        (r'^encoder\.stages\.(\d+)\.layers\.(\d+)\.',
+         lambda m: f'layer{int(m[1]) + 1}.{m[2]}.'),
+        (r'\.shortcut\.convolution\.', '.downsample.0.'),
+        (r'\.shortcut\.normalization\.', '.downsample.1.'),
+        (r'\.layer\.(\d+)\.convolution\.', lambda m: f'.conv{int(m[1]) + 1}.'),
+        (r'\.layer\.(\d+)\.normalization\.', lambda m: f'.bn{int(m[1]) + 1}.'),
+    )),
+)
+
+
+@dataclasses.dataclass
+class Converted:
+  """A checkpoint converted for one module.
+
+  Attributes:
+    variables: {'params': ..., 'batch_stats': ...} nested dicts of float
+      numpy arrays, for the model variables the checkpoint holds.
+    unused: Checkpoint keys with no place in the model.
+    missing: Model variables ('params/pooler/dense/kernel') the checkpoint
+      lacks; they keep their initialisation.
+  """
+  variables: dict[str, Any]
+  unused: list[str]
+  missing: list[str]
+
+
+def architecture_of(target: Mapping[str, Any]) -> Architecture:
+  """The family whose `marker` module `target['params']` has."""
+  for arch in ARCHITECTURES:
+    if arch.marker in target['params']:
+      return arch
+  raise ValueError('Not the variables of a BERT, ViT or ResNet module: '
+                   f'top-level modules {sorted(target["params"])}.')
+
+
+# --- reading -----------------------------------------------------------------
+
+
+def _to_numpy(tensor: Any) -> np.ndarray:
+  """A torch tensor as numpy; floats as float32 (numpy has no bfloat16)."""
+  if tensor.is_floating_point():
+    tensor = tensor.float()
+  return tensor.detach().cpu().numpy()
+
+
+def _read_pickled(data: bytes) -> dict[str, np.ndarray]:
+  """A torch state dict from `torch.save` bytes, without running pickled code.
+
+  A `{'state_dict': ...}` or `{'model': ...}` training checkpoint is unwrapped.
+  """
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ImportError('Reading a pickled (.bin/.pth/.pt) checkpoint needs '
+                      'PyTorch (pip install torch); .safetensors files do '
+                      'not.') from e
+  state = torch.load(io.BytesIO(data), map_location='cpu', weights_only=True)
+  for wrapper in ('state_dict', 'model'):
+    if isinstance(state.get(wrapper), Mapping):
+      state = state[wrapper]
+      break
+  return {k: _to_numpy(v) for k, v in state.items()
+          if isinstance(v, torch.Tensor)}
+
+
+def read_state_dict(path: str) -> dict[str, np.ndarray]:
+  """The tensors of a checkpoint file or Hugging Face directory, by key.
+
+  Args:
+    path: A `.safetensors` file, a pickled torch file (any other name), or a
+      directory holding one of `HF_WEIGHT_FILES`.
+
+  Returns:
+    {key: numpy array}, floats as float32.
+  """
+  file = epath.Path(path)
+  if file.is_dir():
+    found = [file / name for name in HF_WEIGHT_FILES if (file / name).exists()]
+    if not found:
+      raise FileNotFoundError(f'{path} holds none of {HF_WEIGHT_FILES}.')
+    file = found[0]
+  if not file.exists():
+    raise FileNotFoundError(f'No checkpoint {path}.')
+  data = file.read_bytes()
+  if file.suffix == '.safetensors':
+    tensors = safetensors.numpy.load(data)
+    return {k: v.astype(np.float32, copy=False) if v.dtype.kind == 'f' else v
+            for k, v in tensors.items()}
+  return _read_pickled(data)
+
+
+def is_orbax_checkpoint(path: str) -> bool:
+  """Whether `path` is an orbax checkpoint (as the command line writes)."""
+  return (epath.Path(path) / '_CHECKPOINT_METADATA').exists()
+
+
+# --- torch names to flax paths -----------------------------------------------
+
+
+def canonical_names(state: Mapping[str, np.ndarray], arch: Architecture
+                    ) -> dict[str, tuple[np.ndarray, str]]:
+  """Step 1 of the module doc: {canonical key: (array, checkpoint key)}."""
+  renamed = {}
+  for key, array in state.items():
+    if _SKIPPED.search(key):
+      continue
+    name = key.removeprefix(arch.prefix)
+    for pattern, replacement in _COMMON_RENAMES + arch.renames:
+      name = re.sub(pattern, replacement, name)
+    renamed[name] = (array, key)
+  if arch.fuse:
+    renamed = _fuse(renamed, *arch.fuse)
+  return renamed
+
+
+def _fuse(renamed: dict[str, tuple[np.ndarray, str]], fused: str,
+          parts: tuple[str, ...]) -> dict[str, tuple[np.ndarray, str]]:
+  """Concatenates `X.{parts}.{weight,bias}` into `X.{fused}.{weight,bias}`.
+
+  A set with a part missing is left as it is (and reported unused).
+  """
+  first = re.compile(rf'(.*)\.{parts[0]}\.(weight|bias)')
+  for key in list(renamed):
+    match = first.fullmatch(key)
+    if not match:
+      continue
+    keys = [f'{match[1]}.{part}.{match[2]}' for part in parts]
+    if all(k in renamed for k in keys):
+      arrays, sources = zip(*(renamed.pop(k) for k in keys))
+      renamed[f'{match[1]}.{fused}.{match[2]}'] = (
+          np.concatenate(arrays), ' + '.join(sources))
+  return renamed
+
+
+def _flax_layout(array: np.ndarray, leaf: str) -> np.ndarray:
+  """A torch weight in flax's layout: Linear [out, in] -> [in, out],
+  Conv OIHW -> HWIO; anything else unchanged."""
+  if leaf == 'kernel' and array.ndim == 2:
+    return array.T
+  if leaf == 'kernel' and array.ndim == 4:
+    return array.transpose(2, 3, 1, 0)
+  return array
+
+
+def to_flax_paths(canonical: Mapping[str, tuple[np.ndarray, str]],
+                  target_paths: frozenset[Path]) -> Tensors:
+  """Steps 2 and 3 of the module doc, for the model with `target_paths`."""
+  tensors = {}
+  for key, (array, source) in canonical.items():
+    module, _, leaf = re.sub(r'\.(\d+)(?=\.|$)', r'_\1', key).rpartition('.')
+    module = tuple(module.split('.')) if module else ()
+    candidates = [(collection, *module, name) for collection, name
+                  in _LEAVES.get(leaf, (('params', leaf),))]
+    # Without a match the first candidate stands, reported as unused later.
+    path = next((p for p in candidates if p in target_paths), candidates[0])
+    tensors[path] = (_flax_layout(array, path[-1]), source)
+  return tensors
+
+
+# --- checking against the model ----------------------------------------------
+
+
+def _square_grid(tokens: int, source: str) -> tuple[int, int]:
+  side = math.isqrt(tokens)
+  if side * side != tokens:
+    raise ValueError(f'{source}: {tokens} position embeddings are not a '
+                     'square grid.')
+  return side, side
+
+
+def _resized_pos_embed(array: np.ndarray, shape: tuple[int, ...],
+                       source: str) -> np.ndarray:
+  """[1, 1 + n, D] position embeddings for a model's [1, 1 + m, D]."""
+  resized = vit.interpolate_pos_embed(
+      array, _square_grid(array.shape[1] - 1, source),
+      _square_grid(shape[1] - 1, source), num_prefix_tokens=1)
+  logging.info('%s: position embeddings resized from %s to %s.', source,
+               array.shape, shape)
+  return np.asarray(resized)
+
+
+def _shape_error(path: Path, source: str, array: np.ndarray,
+                 shape: tuple[int, ...]) -> ValueError:
+  return ValueError(
+      f'Checkpoint tensor {source!r} (-> {"/".join(path)}) has shape '
+      f'{array.shape} in the model\'s layout; the model wants {shape}.')
+
+
+def check_and_place(tensors: Tensors, target: Mapping[str, Any]) -> Converted:
+  """Checks `tensors` against `target`'s shapes and nests them like it.
+
+  Args:
+    tensors: {flax path (collection first): (array, checkpoint key)}.
+    target: The module's variables or their shapes, {'params': ...,
+      'batch_stats': ...}; every leaf has `.shape` and `.dtype`.
+
+  Returns:
+    The converted variables, unused keys and missing paths.
+
+  Raises:
+    ValueError: At the first tensor whose shape differs from the model's, or
+      when none fits the architecture's `marker` module (another
+      architecture's checkpoint).
+  """
+  wanted = traverse_util.flatten_dict(dict(target))
+  arch = architecture_of(target)
+  if not any(p in wanted and p[1] == arch.marker for p in tensors):
+    raise ValueError(f'No checkpoint tensor fits the {arch.name} module\'s '
+                     f'{arch.marker!r}: is it a {arch.name} checkpoint? Keys: '
+                     f'{sorted(source for _, source in tensors.values())[:6]}')
+  placed, unused = {}, []
+  for path, (array, source) in tensors.items():
+    if path not in wanted:
+      unused.append(source)
+      continue
+    shape = tuple(wanted[path].shape)
+    if path[-1] == 'pos_embed' and array.shape != shape and (
+        array.shape[::2] == shape[::2]):
+      array = _resized_pos_embed(array, shape, source)
+    if array.shape != shape:
+      raise _shape_error(path, source, array, shape)
+    placed[path] = np.asarray(array, wanted[path].dtype)
+  missing = sorted('/'.join(p) for p in wanted if p not in placed)
+  return Converted(traverse_util.unflatten_dict(placed), sorted(unused),
+                   missing)
+
+
+# --- entry points ------------------------------------------------------------
+
+
+def convert(state: Mapping[str, np.ndarray],
+            target: Mapping[str, Any]) -> Converted:
+  """Converts a torch-format state dict for the module with `target`.
+
+  Args:
+    state: {key: numpy array} in Hugging Face, timm or torchvision naming.
+    target: The module's variables or shapes (see `check_and_place`); they
+      also tell which architecture the state dict is for.
+  """
+  canonical = canonical_names(state, architecture_of(target))
+  paths = frozenset(traverse_util.flatten_dict(dict(target)))
+  return check_and_place(to_flax_paths(canonical, paths), target)
+
+
+def load(path: str, target: Mapping[str, Any]) -> Converted:
+  """Reads and converts the checkpoint at `path` (see module doc).
+
+  Args:
+    path: A Hugging Face directory, a `.safetensors` or pickled torch file,
+      or an orbax checkpoint written by `save` (the command line).
+    target: The module's variables or shapes (see `check_and_place`).
+  """
+  if is_orbax_checkpoint(path):
+    with ocp.StandardCheckpointer() as checkpointer:
+      restored = checkpointer.restore(epath.Path(path).absolute())
+    tensors = {p: (np.asarray(x), '/'.join(p)) for p, x in
+               traverse_util.flatten_dict(restored).items()}
+    return check_and_place(tensors, target)
+  return convert(read_state_dict(path), target)
+
+
+def _log_report(name: str, path: str, converted: Converted) -> None:
+  count = len(traverse_util.flatten_dict(converted.variables))
+  logging.info('%s: %d tensors from %s.', name, count, path)
+  if converted.unused:
+    logging.info('%s: unused checkpoint tensors: %s', name,
+                 ', '.join(converted.unused))
+  if converted.missing:
+    logging.warning('%s: not in the checkpoint, left as initialised: %s',
+                    name, ', '.join(converted.missing))
+
+
+def load_modules(paths: Mapping[str, str | None], variables: Mapping[str, Any]
+                 ) -> dict[str, Converted]:
+  """Converts the checkpoints of top-level modules of a model.
+
+  Args:
+    paths: {top-level module name (e.g. 'backbone', 'text'): checkpoint path
+      or None}, as `config.model_init`; None entries are skipped.
+    variables: The whole model's variables or shapes, {'params': ...,
+      'batch_stats': ...}.
+
+  Returns:
+    {module name: its converted checkpoint}, the report logged.
+  """
+  converted = {}
+  for name, path in paths.items():
+    if not path:
+      continue
+    if name not in variables['params']:
+      raise ValueError(f'model_init.{name}: the model has no module {name!r}; '
+                       f'it has {sorted(variables["params"])}.')
+    target = {collection: tree[name] for collection, tree in variables.items()
+              if name in tree}
+    converted[name] = load(path, target)
+    _log_report(name, path, converted[name])
+  return converted
+
+
+def save(variables: Mapping[str, Any], directory: str) -> None:
+  """Writes converted variables as an orbax checkpoint `load` reads."""
+  with ocp.StandardCheckpointer() as checkpointer:  # Closing waits.
+    checkpointer.save(epath.Path(directory).absolute(), dict(variables))
+
+
+def convert_config(config: Any, output: str) -> dict[str, str]:
+  """Converts every checkpoint `config.model_init` names, for `config`'s model.
+
+  Args:
+    config: A training config (`configs/*.py`).
+    output: Directory receiving one orbax checkpoint per module.
+
+  Returns:
+    {module name: the orbax checkpoint written}, ready for `model_init`.
+  """
+  # Only the command line needs the training side (which imports this
+  # module, and TensorFlow through the data pipeline).
+  from refseg_jax import train  # pylint: disable=g-import-not-at-top
+  from refseg_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  tokenizer = pipeline.load_tokenizer(config.data.tokenizer, config.data.name)
+  model = train.create_model(config.model, tokenizer.vocab_size)
+  shapes = jax.eval_shape(functools.partial(train.init_variables, config,
+                                            model), jax.random.key(0))
+  written = {}
+  for name, converted in load_modules(config.model_init, shapes).items():
+    written[name] = str(epath.Path(output) / name)
+    save(converted.variables, written[name])
+    logging.info('Wrote %s.', written[name])
+  return written
+
+
+def _run() -> None:
+  """`python -m refseg_jax.models.convert` (see module doc).
+
+  Its flags exist only here: `refseg_jax.main` defines its own `--config`.
+  """
+  config = config_flags.DEFINE_config_file(
+      'config', None, 'Training config whose model_init names the '
+      'checkpoints: FILE:ARG.')
+  output = flags.DEFINE_string(
+      'output', None, 'Directory for the converted orbax checkpoints.')
+  flags.mark_flags_as_required(['config', 'output'])
+
+  def main(argv):
+    if len(argv) > 1:
+      raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+    for name, path in convert_config(config.value, output.value).items():
+      print(f'--config.model_init.{name}={path}')
+
+  app.run(main)
+
+
+if __name__ == '__main__':
+  _run()
