@@ -42,6 +42,7 @@ setuptools.setup(
     ],
     extras_require={'test': [
         'pytest>=9.2,<10',
+        'pytest-xdist>=3.8,<4',
         # The checkpoint parity tests' reference models, run on CPU: take
         # the CPU wheel (--extra-index-url
         # https://download.pytorch.org/whl/cpu), not GBs of CUDA packages.
