@@ -114,6 +114,7 @@ class RefShapes(tfds.core.GeneratorBasedBuilder):
 
   VERSION = tfds.core.Version('1.0.0')
   RELEASE_NOTES = {'1.0.0': 'First release.'}
+  _pool = None  # The scene workers while `_download_and_prepare` runs.
   BUILDER_CONFIGS = [
       RefShapesConfig(
           name='default', description='128 px, 20k train images.',
@@ -148,8 +149,7 @@ class RefShapes(tfds.core.GeneratorBasedBuilder):
     """
     total = sum(self.builder_config.num_images.values())
     workers = min(os.cpu_count() or 1, total // _MIN_IMAGES_PER_WORKER)
-    if workers < 2:
-      self._pool = None
+    if workers < 2:  # Scenes render in this process.
       yield
       return
     with multiprocessing.get_context('spawn').Pool(workers) as pool:
