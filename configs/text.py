@@ -12,8 +12,8 @@ Default (`data=ref_shapes,model=tiny`): the built-in 128 px benchmark with
 a tiny ViT (patch 8) + BERT trained from scratch, 16 slots (8 Gaussians x
 2), 3 iterations, 2,050 steps of 32 expressions (16 images), AdamW 5e-4;
 the slot decoder reconstructs patch pixels and the expression vector is
-the mean of BERT's token states (from scratch, the official ViT-feature
-target and [CLS] left C^3 at chance; README.md). Measured on a 2-core CPU:
+the mean of BERT's token states (README.md compares these with the
+official ViT features and [CLS]). Measured on a 2-core CPU:
 validation mIoU 20.1, PointM 29.1 (0.28 of `configs/full.py`), in 1,853 s
 with a validation every 325 steps while other jobs shared the cores (not
 timed alone).

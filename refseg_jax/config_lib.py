@@ -245,8 +245,8 @@ def sag_config(arg: str | None) -> ml_collections.ConfigDict:
       # The loss is scaled by min(step / warmup_steps, 1): the official
       # 5,000 iterations are ~3 % of its run; the same share of 2,050.
       warmup_steps=60))
-  # From scratch, 2e-3 (the PKS default) left C^3 at log B for the first
-  # 350 steps, 5e-4 started to learn after ~175 (README).
+  # From scratch, 2e-3 (the PKS default) left C^3 at chance (log B) for
+  # the whole run; at 5e-4 it learns (README).
   config.optimizer.learning_rate = 5e-4
   if args.model == 'paper':
     config.loss.warmup_steps = 5_000

@@ -326,15 +326,13 @@ class SaG(nn.Module):
     decoder_hidden: Width of the reconstruction decoder.
     reconstruct: What the slot decoder reconstructs: 'features', the ViT's
       patch tokens (the official code; its ViT is pretrained), or
-      'pixels', each patch's normalised pixels, as Slot Attention does.
-      A ViT trained from scratch can make its tokens constant, which makes
-      feature reconstruction trivial and the slots blind (measured on
-      `ref_shapes`: C^3 stuck at log B); pixels cannot collapse.
+      'pixels', each patch's normalised pixels, as Slot Attention does: a
+      target that a ViT trained from scratch cannot make trivial.
     text_pooling: The expression's vector x_t: 'cls', BERT's [CLS] state
       (the official code; its BERT is pretrained), or 'mean', the mean of
-      the token states. A BERT trained from scratch gives nearly the same
-      [CLS] for every expression at first, so C^3 has nothing to match
-      and settles at log B; the mean starts out as a bag of words.
+      the token states, which a BERT trained from scratch makes differ
+      between expressions from the start (a bag of words). README.md has
+      the measured comparison on `ref_shapes`.
     drop_path: The ViT's stochastic depth.
     text_dropout: BERT's dropout rates; None keeps the preset's.
     dtype: Computation dtype; params stay float32.
