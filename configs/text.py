@@ -11,12 +11,12 @@ batch holds a mask, box or click.
 Default (`data=ref_shapes,model=tiny`): the built-in 128 px benchmark with
 a tiny ViT (patch 8) + BERT trained from scratch, 16 slots (8 Gaussians x
 2), 3 iterations, 2,050 steps of 32 expressions (16 images), AdamW 5e-4;
-the slot decoder reconstructs patch pixels and the expression vector is
-the mean of BERT's token states (README.md compares these with the
-official ViT features and [CLS]). Measured on a 2-core CPU:
-validation mIoU 20.1, PointM 29.1 (0.28 of `configs/full.py`), in 1,853 s
-with a validation every 325 steps while other jobs shared the cores (not
-timed alone).
+the slot decoder reconstructs patch pixels, the expression vector is the
+mean of BERT's token states and the expression gathers slots by slot
+matching (README.md compares these with the official ViT features, [CLS]
+and fusion layer). Measured on a 2-core CPU: validation mIoU 24.4, PointM
+35.4 (0.34 of `configs/full.py`), in 990 s with a validation every 325
+steps (`python -m refseg_jax.benchmarks.supervision`, text mode).
 
 Variants, big_vision style, after a colon:
 

@@ -22,13 +22,14 @@ TOKENS = np.array([[1, 7, 12, 2], [1, 9, 2, 0], [1, 5, 6, 2], [1, 8, 2, 0]],
 TEXT_MASK = (TOKENS > 0).astype(np.int32)
 
 
-@pytest.fixture(scope='module')
-def model_run():
-  """A small SaG on 2 images with 2 expressions each (grouped batch)."""
+@pytest.fixture(scope='module', params=['fusion', 'slot_max'])
+def model_run(request):
+  """A small SaG on 2 images with 2 expressions each (grouped batch), with
+  each way of gathering slots."""
   model = sag.SaG(vocab_size=16, image_size=SIZE, dim=16, groups=3,
                   slots_per_group=2, iterations=2, heads=2, head_dim=8,
                   interaction_heads=2, interaction_head_dim=8,
-                  decoder_hidden=16)
+                  decoder_hidden=16, gather=request.param)
   images = np.random.default_rng(0).integers(0, 255, (2, SIZE, SIZE, 3),
                                              np.uint8)
   rngs = {'params': jax.random.key(0), 'slots': jax.random.key(1)}
@@ -41,6 +42,14 @@ def model_run():
                        all_pairs=all_pairs, rngs={'slots': slot_key},
                        capture_intermediates=True, mutable=['intermediates'])
   return apply
+
+
+def _gathering(state):
+  """The outputs of the model's fusion or matching layer."""
+  (outputs,), = [state['intermediates'][name]['__call__']
+                 for name in ('fusion', 'matching')
+                 if name in state['intermediates']]
+  return outputs
 
 
 def test_sine_position_encoding_values():
@@ -64,7 +73,7 @@ def test_slot_attention_sums_to_one_over_slots(model_run):
 def test_mask_is_fuse_attention_times_slot_attention(model_run):
   outputs, state = model_run(jax.random.key(1), False)
   _, slot_attention = state['intermediates']['entities']['__call__'][0]
-  _, fuse = state['intermediates']['fusion']['__call__'][0]  # [T, 1, K]
+  _, fuse = _gathering(state)  # [T, 1, K]
   image_of = np.array([0, 0, 1, 1])
   expected = np.einsum('tk,tkn->tn', np.asarray(fuse)[:, 0],
                        np.asarray(slot_attention)[image_of])
@@ -76,14 +85,71 @@ def test_mask_is_fuse_attention_times_slot_attention(model_run):
 def test_all_pairs_fusion_agrees_with_own_image_fusion(model_run):
   paired, _ = model_run(jax.random.key(1), False)
   crossed, state = model_run(jax.random.key(1), True)
-  z, _ = state['intermediates']['fusion']['__call__'][0]
-  assert crossed['scores'].shape == (4, 2) and z.shape == (4, 2, 16)
-  np.testing.assert_allclose(np.linalg.norm(z, axis=-1), 1.0, atol=1e-5)
+  assert crossed['scores'].shape == (4, 2)
+  if 'fusion' in state['intermediates']:
+    z, _ = _gathering(state)
+    assert z.shape == (4, 2, 16)
+    np.testing.assert_allclose(np.linalg.norm(z, axis=-1), 1.0, atol=1e-5)
   # The own-image mask is the same whether or not every pair was fused.
   np.testing.assert_allclose(crossed['mask'], paired['mask'], atol=1e-6)
   # Slots are drawn from the key: another key, other slots and masks.
   other, _ = model_run(jax.random.key(2), False)
   assert not np.allclose(other['mask'], paired['mask'])
+
+
+def test_slot_matching_scores_are_soft_maxima_of_slot_cosines():
+  rng = np.random.default_rng(0)
+  text = jnp.asarray(rng.normal(size=(3, 4)), jnp.float32)
+  slots = jnp.asarray(rng.normal(size=(2, 5, 4)), jnp.float32)
+  matching = sag.SlotMatching(temperature=0.5)
+  variables = matching.init(jax.random.key(0), text, slots, paired=False)
+  scores, fuse = matching.apply(variables, text, slots, paired=False)
+  dense = variables['params']['slot_embedding']
+  keys = np.asarray(slots) @ np.asarray(dense['kernel']) + np.asarray(
+      dense['bias'])
+  unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
+  logits = np.einsum('td,ikd->tik', unit(np.asarray(text)), unit(keys)) / 0.5
+  expected_fuse = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+  np.testing.assert_allclose(scores, np.log(np.exp(logits).sum(-1)),
+                             rtol=1e-5)
+  np.testing.assert_allclose(fuse, expected_fuse, rtol=1e-5, atol=1e-7)
+  # Paired: text t with image t only, the diagonal of every pair.
+  paired_scores, paired_fuse = matching.apply(variables, text[:2], slots,
+                                              paired=True)
+  np.testing.assert_allclose(paired_scores[:, 0], np.diag(scores[:2]),
+                             rtol=1e-5)
+  np.testing.assert_allclose(paired_fuse[:, 0], expected_fuse[[0, 1], [0, 1]],
+                             rtol=1e-5, atol=1e-7)
+  # Slots that are not candidates get no attention and no part of the score.
+  candidates = np.ones((2, 5), bool)
+  candidates[0, [1, 3]] = candidates[1, 0] = False
+  scores, fuse = matching.apply(variables, text, slots, paired=False,
+                                candidates=jnp.asarray(candidates))
+  masked = np.where(candidates[None], np.exp(logits), 0.0)
+  np.testing.assert_allclose(scores, np.log(masked.sum(-1)), rtol=1e-5)
+  np.testing.assert_allclose(fuse, masked / masked.sum(-1, keepdims=True),
+                             rtol=1e-5, atol=1e-7)
+
+
+def test_slot_matching_leaves_out_large_slots_but_never_all():
+  # max_slot_area=0 leaves out every slot but each image's smallest: each
+  # expression's mask is then exactly that slot's attention map.
+  model = sag.SaG(vocab_size=16, image_size=SIZE, dim=16, groups=3,
+                  slots_per_group=2, iterations=2, heads=2, head_dim=8,
+                  interaction_heads=2, interaction_head_dim=8,
+                  decoder_hidden=16, gather='slot_max', max_slot_area=0.0)
+  images = np.random.default_rng(1).integers(0, 255, (2, SIZE, SIZE, 3),
+                                             np.uint8)
+  rngs = {'params': jax.random.key(0), 'slots': jax.random.key(1)}
+  outputs, state = jax.jit(lambda: model.init_with_output(
+      rngs, images, TOKENS, TEXT_MASK, train=False,
+      capture_intermediates=True))()
+  _, slot_attention = state['intermediates']['entities']['__call__'][0]
+  slot_attention = np.asarray(slot_attention)
+  smallest = slot_attention.mean(-1).argmin(-1)  # [I]
+  expected = slot_attention[[0, 0, 1, 1], smallest[[0, 0, 1, 1]]]
+  np.testing.assert_allclose(np.asarray(outputs['mask']).reshape(4, -1),
+                             expected, rtol=1e-5, atol=1e-7)
 
 
 def test_same_image_pairs_are_exactly_the_other_copies():

@@ -251,6 +251,54 @@ class TextSlotFusion(nn.Module):
     return z, attention.mean(2)
 
 
+def unit_vectors(x: jax.Array) -> jax.Array:
+  """x / |x| along the last axis, in float32."""
+  x = x.astype(jnp.float32)
+  return x / (jnp.linalg.norm(x, axis=-1, keepdims=True) + _EPS)
+
+
+class SlotMatching(nn.Module):
+  """Gathers by matching the text with each slot (multiple instances).
+
+  The alternative to `TextSlotFusion` (`SaG.gather='slot_max'`): each slot
+  is embedded on its own, s_{t,i,k} = cos(x_t, W slot_{i,k}) / temperature,
+  A_fuse = softmax_k s_{t,i,k} and the image's score is the soft maximum
+  logsumexp_k s_{t,i,k}. An image then matches an expression only through
+  one of its slots, so C^3 has to find the slot the words describe: the
+  fusion layer's query can instead read a mixture of slots that matches
+  the image as a whole (README.md has the measured difference).
+
+  Attributes:
+    temperature: of the cosine similarities.
+    dtype: Computation dtype.
+  """
+  temperature: float = 0.1
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, text: jax.Array, slots: jax.Array, paired: bool,
+               candidates: jax.Array | None = None
+               ) -> tuple[jax.Array, jax.Array]:
+    """Matches text [T, D] with slots [I, K, D] (`paired` as in
+    `TextSlotFusion`); only the slots where bool `candidates` [I, K] is
+    True, when given.
+
+    Returns:
+      Scores [T, I'] (logsumexp of s over the slots) and A_fuse [T, I', K]
+      (softmax of s over the slots); I' = 1 when paired, else I.
+    """
+    keys = unit_vectors(_dense(slots.shape[-1], self.dtype, 'slot_embedding')(
+        slots))
+    similarity = (jnp.einsum('td,tkd->tk', unit_vectors(text), keys)[:, None]
+                  if paired else
+                  jnp.einsum('td,ikd->tik', unit_vectors(text), keys))
+    logits = similarity / self.temperature
+    if candidates is not None:
+      logits = jnp.where(candidates[:, None] if paired else candidates[None],
+                         logits, -jnp.inf)
+    return jax.nn.logsumexp(logits, -1), jax.nn.softmax(logits, -1)
+
+
 class SlotDecoder(nn.Module):
   """Spatial-broadcast decoder: each slot paints features and an alpha.
 
@@ -333,6 +381,16 @@ class SaG(nn.Module):
       the token states, which a BERT trained from scratch makes differ
       between expressions from the start (a bag of words). README.md has
       the measured comparison on `ref_shapes`.
+    gather: How an expression gathers slots: 'fusion', the official fusion
+      layer, scores stopgrad(x_t) . z; or 'slot_max', `SlotMatching`
+      (scores are soft maxima over the slots; the text is not detached,
+      since it is also the query).
+    slot_temperature: `SlotMatching`'s temperature.
+    max_slot_area: `SlotMatching` leaves out the slots whose attention
+      covers more than this fraction of the image (at most 1 / this many;
+      the smallest slot always stays): such a slot is background ("stuff") that, covering
+      everything but the objects, encodes the layout, and C^3 otherwise
+      learns to match spatial expressions with it. 1.0 keeps every slot.
     drop_path: The ViT's stochastic depth.
     text_dropout: BERT's dropout rates; None keeps the preset's.
     dtype: Computation dtype; params stay float32.
@@ -352,6 +410,9 @@ class SaG(nn.Module):
   decoder_hidden: int = 512
   reconstruct: str = 'features'
   text_pooling: str = 'cls'
+  gather: str = 'fusion'
+  slot_temperature: float = 0.1
+  max_slot_area: float = 1.0
   drop_path: float = 0.0
   text_dropout: float | None = None
   dtype: Dtype = jnp.float32
@@ -375,7 +436,8 @@ class SaG(nn.Module):
       image's patch grid; 'reconstruction_target' [I, N, F] (see
       `reconstruct`) and 'reconstruction' [I, N, F] (the slot decoder's);
       with all_pairs,
-      'scores' [T, I] = stopgrad(x_t) . z_{t,i}.
+      'scores' [T, I]: stopgrad(x_t) . z_{t,i} ('fusion') or the soft
+      maximum over image i's slots ('slot_max').
     """
     pixels = pks.normalise_images(images, self.dtype)
     tokens = vit.ViT(**vit.PRESETS[self.vit_preset],
@@ -398,16 +460,28 @@ class SaG(nn.Module):
 
     num_texts, num_images = text.shape[0], images.shape[0]
     image_of = jnp.arange(num_texts) // pks.group_size(num_images, num_texts)
-    fusion = TextSlotFusion(self.heads, self.head_dim, self.dtype,
-                            name='fusion')
+    own_kwargs = all_kwargs = {}
+    if self.gather == 'fusion':
+      fusion = TextSlotFusion(self.heads, self.head_dim, self.dtype,
+                              name='fusion')
+    elif self.gather == 'slot_max':
+      fusion = SlotMatching(self.slot_temperature, self.dtype, name='matching')
+      area = slot_attention.mean(-1)  # [I, K] fractions of the image.
+      candidates = ((area <= self.max_slot_area)
+                    | (area == area.min(-1, keepdims=True)))
+      all_kwargs = {'candidates': candidates}
+      own_kwargs = {'candidates': candidates[image_of]}
+    else:
+      raise ValueError(f'Unknown SaG gather={self.gather!r}; known: '
+                       "['fusion', 'slot_max'].")
     if all_pairs:
-      z, fuse = fusion(text, slots, paired=False)       # [T, I, ...]
-      scores = jnp.einsum('td,tid->ti',
-                          jax.lax.stop_gradient(text).astype(jnp.float32), z)
+      first, fuse = fusion(text, slots, paired=False, **all_kwargs)
+      scores = (jnp.einsum('td,tid->ti', jax.lax.stop_gradient(text).astype(
+          jnp.float32), first) if self.gather == 'fusion' else first)
       fuse = fuse[jnp.arange(num_texts), image_of]
     else:
       # Each expression with its own image only: T fusions, not T x I.
-      fuse = fusion(text, slots[image_of], paired=True)[1][:, 0]
+      fuse = fusion(text, slots[image_of], paired=True, **own_kwargs)[1][:, 0]
     mask = jnp.einsum('tk,tkn->tn', fuse, slot_attention[image_of])
     if self.reconstruct == 'features':
       target = tokens['tokens']
