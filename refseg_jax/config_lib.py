@@ -68,7 +68,7 @@ SAG_MODEL_VARIANTS: dict[str, dict[str, Any]] = {
                  interaction_heads=2, interaction_head_dim=32,
                  decoder_hidden=64, reconstruct='pixels', text_pooling='mean',
                  text_dropout=0.0, gather='slot_max', slot_temperature=0.1,
-                 max_slot_area=1.0),
+                 max_slot_area=0.2),
     'paper': dict(vit_preset='s16', bert_preset='base', dim=512, groups=18,
                   slots_per_group=2, iterations=6, heads=4, head_dim=256,
                   interaction_heads=4, interaction_head_dim=128,

@@ -16,6 +16,9 @@ Kim et al., ICCV 2023; this follows the official code (`kdwonn/SaG`) as
     fusion ("gather"): x_t queries the K slots (pre-LN, softmax over
       slots): z = x_t + MHA(x_t, slots); z = z + MLP(LN z); z / |z|.
       A_fuse = its attention, averaged over heads.
+    or, instead (`gather='slot_max'`, not in the official code): slot
+      matching, A_fuse = softmax over the slots of cos(x_t, W slot) / tau,
+      the image's score their logsumexp (`SlotMatching`).
     mask(p) = sum_k A_fuse[k] A_slot[k, p] on the patch grid (A_slot: the
       last iteration's slot attention, head-averaged), bilinear to the
       image, min-max normalised, thresholded at 0.5.
