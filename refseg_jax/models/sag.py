@@ -201,6 +201,12 @@ class EntityDiscovery(nn.Module):
     return slots, attention
 
 
+def unit_vectors(x: jax.Array) -> jax.Array:
+  """x / |x| along the last axis, in float32."""
+  x = x.astype(jnp.float32)
+  return x / (jnp.linalg.norm(x, axis=-1, keepdims=True) + _EPS)
+
+
 class TextSlotFusion(nn.Module):
   """Gathers slots with the text as the query (one pre-LN layer).
 
@@ -249,15 +255,7 @@ class TextSlotFusion(nn.Module):
         read.reshape(*read.shape[:2], width))
     z = z + _Mlp(dtype=self.dtype, name='mlp')(
         _layer_norm(self.dtype, 'norm_mlp')(z))
-    z = z.astype(jnp.float32)
-    z = z / (jnp.linalg.norm(z, axis=-1, keepdims=True) + _EPS)
-    return z, attention.mean(2)
-
-
-def unit_vectors(x: jax.Array) -> jax.Array:
-  """x / |x| along the last axis, in float32."""
-  x = x.astype(jnp.float32)
-  return x / (jnp.linalg.norm(x, axis=-1, keepdims=True) + _EPS)
+    return unit_vectors(z), attention.mean(2)
 
 
 class SlotMatching(nn.Module):
@@ -390,10 +388,10 @@ class SaG(nn.Module):
       since it is also the query).
     slot_temperature: `SlotMatching`'s temperature.
     max_slot_area: `SlotMatching` leaves out the slots whose attention
-      covers more than this fraction of the image (at most 1 / this many;
-      the smallest slot always stays): such a slot is background ("stuff") that, covering
-      everything but the objects, encodes the layout, and C^3 otherwise
-      learns to match spatial expressions with it. 1.0 keeps every slot.
+      covers more than this fraction of the image (the smallest slot
+      always stays): such a slot is background that, covering everything
+      but the objects, encodes the layout, and C^3 otherwise learns to
+      match spatial expressions with it. 1.0 keeps every slot.
     drop_path: The ViT's stochastic depth.
     text_dropout: BERT's dropout rates; None keeps the preset's.
     dtype: Computation dtype; params stay float32.
