@@ -476,9 +476,11 @@ class SaG(nn.Module):
       raise ValueError(f'Unknown SaG gather={self.gather!r}; known: '
                        "['fusion', 'slot_max'].")
     if all_pairs:
-      first, fuse = fusion(text, slots, paired=False, **all_kwargs)
+      # The fusion layer returns z, scored against the detached text;
+      # slot matching returns the scores themselves.
+      gathered, fuse = fusion(text, slots, paired=False, **all_kwargs)
       scores = (jnp.einsum('td,tid->ti', jax.lax.stop_gradient(text).astype(
-          jnp.float32), first) if self.gather == 'fusion' else first)
+          jnp.float32), gathered) if self.gather == 'fusion' else gathered)
       fuse = fuse[jnp.arange(num_texts), image_of]
     else:
       # Each expression with its own image only: T fusions, not T x I.
