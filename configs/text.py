@@ -29,6 +29,10 @@ Variants, big_vision style, after a colon:
         # refcocog_umd, refcocog_google. Build it and set
         # --config.data.tokenizer first (docs/refcoco.md).
 
+`python -m refseg_jax.benchmarks.slot_oracle --config=configs/text.py
+--workdir=/tmp/text` then scores the best single slot of each expression
+against the model's masks: what the slots lose, what the gathering loses.
+
 `--config.loss.mask_same_image=False` counts other copies of an
 expression's own image as negatives, as the official code does.
 """

@@ -97,10 +97,7 @@ def _response(model: nn.Module, outputs: Mapping[str, jax.Array],
   if isinstance(model, pks.PKS):
     logits = outputs['mask_logits']
     return jax.image.resize(logits, (logits.shape[0], size, size), 'bilinear')
-  # SaG: A_fuse . A_slot to the canvas, min-max normalised, threshold 0.5.
-  mask = outputs['mask']
-  mask = jax.image.resize(mask, (mask.shape[0], size, size), 'bilinear')
-  return sag.min_max_normalise(mask) - 0.5
+  return sag.response_map(outputs['mask'], size)
 
 
 def learning_rate_schedule(opt_config: ml_collections.ConfigDict,
@@ -289,6 +286,11 @@ def make_train_step(config: ml_collections.ConfigDict, model: nn.Module,
                  donate_argnums=0)
 
 
+def eval_slot_key(config: ml_collections.ConfigDict) -> jax.Array:
+  """The one key SaG's slots are drawn with at every evaluation."""
+  return jax.random.key(config.seed + 3)
+
+
 def make_eval_step(config: ml_collections.ConfigDict, model: nn.Module,
                    mesh: jax.sharding.Mesh, state_shardings: Any):
   """The jitted `(state, batch) -> (RESMetrics, response [B, S, S])`.
@@ -300,7 +302,7 @@ def make_eval_step(config: ml_collections.ConfigDict, model: nn.Module,
   is scored on the same draw.
   """
   size = config.data.image_size
-  slots = jax.random.key(config.seed + 3)
+  slots = eval_slot_key(config)
 
   def step_fn(state: TrainState, batch: Batch):
     outputs = model.apply(
@@ -363,7 +365,8 @@ def _host_batches(ds) -> Iterator[dict[str, np.ndarray]]:
   return iter(ds.as_numpy_iterator())
 
 
-def _device_fields(batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+def device_fields(batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """The fields of a host batch that go to the devices (no strings)."""
   return {k: v for k, v in batch.items() if k not in _HOST_ONLY_FIELDS}
 
 
@@ -421,7 +424,7 @@ class Evaluator:
     total, picture = res_metrics.RESMetrics.empty(), None
     for batch in _host_batches(ds):
       batch_metrics, response = self._step_fn(
-          state, sharding.global_batch(_device_fields(batch), self._sharding))
+          state, sharding.global_batch(device_fields(batch), self._sharding))
       total = total.merge(batch_metrics)
       if picture is None and config.eval.num_overlays:
         local = multihost_utils.global_array_to_host_local_array(
@@ -458,6 +461,25 @@ def _checkpoint_managers(workdir: epath.Path, config: ml_collections.ConfigDict
           max_to_keep=1, best_fn=lambda m: m['mIoU'], best_mode='max',
           create=True))
   return latest, best
+
+
+def _restore(manager: ocp.CheckpointManager, state: TrainState,
+             state_shardings: Any) -> TrainState:
+  """The manager's latest checkpoint, laid out as `state` and its shardings."""
+  return manager.restore(manager.latest_step(), args=ocp.args.StandardRestore(
+      _abstract(state, state_shardings)))
+
+
+def restore_latest(workdir: epath.Path, state: TrainState,
+                   state_shardings: Any) -> TrainState | None:
+  """`workdir`'s latest checkpoint (None if it has none), laid out as
+  `state` and its shardings."""
+  if not (workdir / 'checkpoints').exists():
+    return None
+  with ocp.CheckpointManager(workdir / 'checkpoints') as latest:
+    if latest.latest_step() is None:
+      return None
+    return _restore(latest, state, state_shardings)
 
 
 def _log_eval(writer, step: int, split: str, values: Mapping[str, float],
@@ -550,8 +572,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   state, state_shardings = create_train_state(config, model, mesh)
   latest, best = _checkpoint_managers(workdir, config)
   if latest.latest_step() is not None:
-    state = latest.restore(latest.latest_step(), args=ocp.args.StandardRestore(
-        _abstract(state, state_shardings)))
+    state = _restore(latest, state, state_shardings)
     logging.info('Resumed from %s at step %d.', latest.directory,
                  int(state.step))
   start_step = int(state.step)

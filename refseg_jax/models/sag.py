@@ -360,6 +360,14 @@ def min_max_normalise(maps: jax.Array) -> jax.Array:
   return (maps - low) / jnp.maximum(high - low, _EPS)
 
 
+def response_map(mask: jax.Array, size: int) -> jax.Array:
+  """SaG's masks [B, h, w] -> canvas responses [B, size, size] that are
+  positive on the predicted referent: bilinear to the canvas, min-max
+  normalised, minus the threshold 0.5."""
+  mask = jax.image.resize(mask, (mask.shape[0], size, size), 'bilinear')
+  return min_max_normalise(mask) - 0.5
+
+
 class SaG(nn.Module):
   """Shatter and Gather (see module doc).
 
