@@ -5,8 +5,8 @@ r"""PKS with full (mask) supervision.
 Default (`data=ref_shapes,model=tiny`): the built-in 128 px benchmark with a
 tiny ResNet + BERT, 2,050 steps of 32 expressions (16 images, 2 expressions
 each), final evaluation on validation and test. Measured on a 2-core CPU:
-9 min 26 s and 9 min 31 s in two fresh-machine runs (2.6 min installing and building the
-dataset), and validation mIoU 71.7, PointM 83.4 (README.md has every
+9 min 26 s and 9 min 31 s in two fresh-machine runs (2.6 min installing
+and building the dataset), and validation mIoU 71.7, PointM 83.4 (README.md has every
 figure).
 
 Variants, big_vision style, after a colon:
