@@ -6,8 +6,8 @@ Default (`data=ref_shapes,model=tiny`): the built-in 128 px benchmark with a
 tiny ResNet + BERT, 2,050 steps of 32 expressions (16 images, 2 expressions
 each), final evaluation on validation and test. Measured on a 2-core CPU:
 9 min 26 s and 9 min 31 s in two fresh-machine runs (2.6 min installing
-and building the dataset), and validation mIoU 71.7, PointM 83.4 (README.md has every
-figure).
+and building the dataset), and validation mIoU 71.7, PointM 83.4
+(docs/results.md has every figure and its command).
 
 Variants, big_vision style, after a colon:
 
@@ -19,12 +19,29 @@ Variants, big_vision style, after a colon:
         # refcocog_umd, refcocog_google. Build it and set
         # --config.data.tokenizer first (docs/refcoco.md).
 
-and any entry can be overridden: `--config.total_steps=500`.
+and any entry can be overridden: `--config.total_steps=500`. Shared values
+(data variants, optimiser, mesh, evaluation, the PKS model variants) are in
+`configs/common.py`.
 """
 
 from refseg_jax import config_lib
 
+common = config_lib.import_sibling(__file__, 'common')
+
+
+# The named variants `get_config` takes, by argument (the first the
+# default); tests/test_configs.py builds every one.
+VARIANTS = dict(data=tuple(common.DATA_VARIANTS), model=tuple(common.PKS_MODEL_VARIANTS))
+
 
 def get_config(arg=None):
   """The config of `arg`'s variant (see module doc)."""
-  return config_lib.pks_config('full', arg)
+  args = config_lib.parse_arg(arg, **{k: v[0] for k, v in VARIANTS.items()})
+  config = common.training(args.data)
+  config.task = 'pks_full'  # refseg_jax.tasks.pks_full
+  config.model = common.pks_model(args.model)
+  # Loss weights and the heatmap target's standard deviation (cells).
+  config.loss = dict(heatmap=1.0, box=5.0, dice=1.0, bce=1.0,
+                     heatmap_sigma=1.0)
+  config.lock()
+  return config

@@ -18,20 +18,7 @@ from ml_collections import config_flags
 
 from refseg_jax import train
 
-_CONFIG = config_flags.DEFINE_config_file(
-    'config', None, 'Config file, optionally with a variant: FILE:ARG.',
-    lock_config=True)
-_WORKDIR = flags.DEFINE_string(
-    'workdir', None, 'Checkpoints, logs and results; a run resumes from it.')
-_DISTRIBUTED = flags.DEFINE_bool(
-    'distributed', False, 'Call jax.distributed.initialize() with the '
-    "cluster's auto-detected settings.")
-_COORDINATOR = flags.DEFINE_string(
-    'coordinator_address', None, 'HOST:PORT of process 0 (implies '
-    '--distributed).')
-_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Host count.')
-_PROCESS_ID = flags.DEFINE_integer('process_id', None, "This host's index.")
-flags.mark_flags_as_required(['config', 'workdir'])
+FLAGS = flags.FLAGS
 
 
 def _quiet_orbax(record) -> bool:
@@ -43,13 +30,29 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   logging.get_absl_handler().addFilter(_quiet_orbax)
-  if _DISTRIBUTED.value or _COORDINATOR.value:
-    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value,
-                               _PROCESS_ID.value)
+  if FLAGS.distributed or FLAGS.coordinator_address:
+    jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
+                               FLAGS.process_id)
   logging.info('JAX: %d hosts, %d devices (%s).', jax.process_count(),
                jax.device_count(), jax.devices()[0].platform)
-  train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
 
 
 if __name__ == '__main__':
+  # Flags are defined only when run as a program (every command does so),
+  # so that importing a command's module defines no flag.
+  config_flags.DEFINE_config_file(
+      'config', None, 'Config file, optionally with a variant: FILE:ARG.',
+      lock_config=True)
+  flags.DEFINE_string(
+      'workdir', None, 'Checkpoints, logs and results; a run resumes from it.')
+  flags.DEFINE_bool(
+      'distributed', False, 'Call jax.distributed.initialize() with the '
+      "cluster's auto-detected settings.")
+  flags.DEFINE_string(
+      'coordinator_address', None, 'HOST:PORT of process 0 (implies '
+      '--distributed).')
+  flags.DEFINE_integer('num_processes', None, 'Host count.')
+  flags.DEFINE_integer('process_id', None, "This host's index.")
+  flags.mark_flags_as_required(['config', 'workdir'])
   app.run(main)

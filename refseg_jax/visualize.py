@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -64,3 +64,32 @@ def captioned_grid(panels: Sequence[tuple[Image.Image, str]], columns: int,
     draw.multiline_text((left + 4, top + panel_size + 2),
                         '\n'.join(lines[:2]), fill='black')
   return grid
+
+
+def overlay_grid(batch: Mapping[str, np.ndarray], response: np.ndarray,
+                 count: int) -> Image.Image | None:
+  """Predicted (red) and true (green) masks over an eval batch's first
+  valid examples.
+
+  Args:
+    batch: host-local eval batch (canvas images, original-size masks).
+    response: host-local [b, S, S] canvas responses (> 0 = referent).
+    count: how many panels at most.
+
+  Returns:
+    A captioned grid (expression and IoU under each), None if no example.
+  """
+  panels = []
+  for i in np.flatnonzero(batch['valid'])[:count]:
+    (h, w), (orig_h, orig_w) = batch['content_size'][i], batch['orig_size'][i]
+    true = Image.fromarray(batch['eval_mask'][i, :orig_h, :orig_w] * 255)
+    true = np.asarray(true.resize((w, h), Image.NEAREST)) > 0
+    pred = response[i, :h, :w] > 0
+    iou = (pred & true).sum() / max((pred | true).sum(), 1)
+    picture = overlay(batch['image'][i, :h, :w],
+                      [(true, TRUE_COLOUR), (pred, PREDICTED_COLOUR)], dim=0.6)
+    panels.append((picture, f'{batch["sentence"][i].decode()} '
+                            f'(IoU {100 * iou:.0f})'))
+  if not panels:
+    return None
+  return captioned_grid(panels, columns=min(4, len(panels)))

@@ -1,6 +1,7 @@
 """Shared fixtures: the tiny ref_shapes dataset, built once per session."""
 
 import os
+import pathlib
 import shutil
 import tempfile
 
@@ -20,10 +21,12 @@ else:
 
 import pytest  # pylint: disable=g-import-not-at-top
 
+from refseg_jax import config_lib  # pylint: disable=g-import-not-at-top
+from refseg_jax import tasks  # pylint: disable=g-import-not-at-top
 from refseg_jax.data import build  # pylint: disable=g-import-not-at-top
-from refseg_jax.data import pipeline  # pylint: disable=g-import-not-at-top
 
 TINY = 'ref_shapes/tiny'
+REPO = pathlib.Path(__file__).parents[1]
 
 
 def pytest_sessionfinish(session, exitstatus):
@@ -48,13 +51,29 @@ def tiny_builder(tiny_data_dir):
 
 @pytest.fixture(scope='session')
 def tiny_config(tiny_data_dir):
-  """A data config reading the tiny dataset."""
-  config = pipeline.default_config()
-  config.name = TINY
+  """A data config reading the tiny dataset: ungrouped batches (every
+  expression once an epoch), a small shuffle buffer."""
+  config = config_lib.load(
+      f'{REPO}/configs/full.py:data=ref_shapes_tiny').data
   config.data_dir = tiny_data_dir
-  config.image_size = config.eval_mask_size = 64
+  config.expressions_per_image = 0
   config.shuffle_buffer = 64
   return config
+
+
+@pytest.fixture(scope='session')
+def tiny_model():
+  """`tiny_model('full.py', vocab_size, dim=16)`: the flax model of a
+  config's tiny variant (the configs hold every field's value), with the
+  given fields changed."""
+
+  def build(config_file: str, vocab_size: int, **fields):
+    config = config_lib.load(
+        f'{REPO}/configs/{config_file}:data=ref_shapes_tiny')
+    config.model.update(fields)
+    return tasks.build(config, vocab_size).model
+
+  return build
 
 
 @pytest.fixture(scope='session')

@@ -10,10 +10,12 @@ import pytest
 import tensorflow_datasets as tfds
 
 from refseg_jax import config_lib
-from refseg_jax import losses
-from refseg_jax import train
+from refseg_jax import tasks
 from refseg_jax.data import pipeline
+from refseg_jax.losses import boxinst
+from refseg_jax.losses import weighting
 from refseg_jax.models import pks
+from refseg_jax.tasks import pks_click
 
 BATCH = 8
 CLICK_CONFIG = pathlib.Path(__file__).parents[1] / 'configs' / 'click.py'
@@ -21,7 +23,7 @@ CLICK_CONFIG = pathlib.Path(__file__).parents[1] / 'configs' / 'click.py'
 
 def test_rgb_to_lab_matches_reference_colours():
   # CIE L*a*b* (D65) of sRGB white, black and pure red, as skimage gives.
-  lab = np.asarray(losses.rgb_to_lab(jnp.array(
+  lab = np.asarray(boxinst.rgb_to_lab(jnp.array(
       [[1.0, 1.0, 1.0], [0.0, 0.0, 0.0], [1.0, 0.0, 0.0]])))
   np.testing.assert_allclose(lab[0], [100.0, 0.0, 0.0], atol=0.01)
   np.testing.assert_allclose(lab[1], [0.0, 0.0, 0.0], atol=1e-6)
@@ -29,7 +31,7 @@ def test_rgb_to_lab_matches_reference_colours():
 
 
 def test_box_coverage_is_the_fraction_of_each_cell_in_the_box():
-  coverage = np.asarray(losses.box_coverage(
+  coverage = np.asarray(boxinst.box_coverage(
       jnp.array([[0.1, 0.25, 0.5, 0.75]]), (4, 4)))[0]
   rows = [0.6, 1.0, 0.0, 0.0]   # [0.1, 0.5) over cells of 0.25.
   cols = [0.0, 1.0, 1.0, 0.0]
@@ -44,16 +46,16 @@ def test_projection_loss_zero_for_box_shaped_and_cross_masks():
   box = jnp.array([[0.25, 0.25, 0.75, 0.5]])  # Rows 2-5, columns 2-3 of 8.
   filled = np.zeros((8, 8), bool)
   filled[2:6, 2:4] = True
-  assert float(losses.projection_loss(_logits_where(filled), box)) < 1e-4
+  assert float(boxinst.projection_loss(_logits_where(filled), box)) < 1e-4
   # Projections only: a mask touching each row and column of the box once
   # is just as good.
   diagonal = np.zeros((8, 8), bool)
   diagonal[[2, 3, 4, 5], [2, 3, 3, 2]] = True
-  assert float(losses.projection_loss(_logits_where(diagonal), box)) < 1e-4
+  assert float(boxinst.projection_loss(_logits_where(diagonal), box)) < 1e-4
   # Shifted off the box's columns: the x projection is disjoint (Dice 1),
   # the y projection still matches.
   shifted = np.roll(filled, 4, axis=1)
-  assert float(losses.projection_loss(_logits_where(shifted), box)) == (
+  assert float(boxinst.projection_loss(_logits_where(shifted), box)) == (
       pytest.approx(1.0, abs=1e-4))
 
 
@@ -64,8 +66,8 @@ def _uniform_image(colour, side=16):
 def test_pairwise_loss_uniform_region_rewards_constant_predictions():
   image = _uniform_image((120, 80, 200))
   box = jnp.array([[0.0, 0.0, 1.0, 1.0]])
-  pairwise = lambda logits: float(losses.pairwise_colour_loss(
-      logits, image, box))
+  pairwise = lambda logits: float(boxinst.pairwise_colour_loss(
+      logits, image, box, 3, 2, 0.3))
   # Stride 2: 8 x 8 mask cells. Undecided cells: P(same) = 1/2.
   assert pairwise(jnp.zeros((1, 8, 8))) == pytest.approx(np.log(2), rel=1e-5)
   assert pairwise(jnp.full((1, 8, 8), 20.0)) < 1e-6
@@ -83,37 +85,39 @@ def test_pairwise_loss_ignores_pairs_across_colour_edges_and_outside_box():
   split_prediction = _logits_where(left, 20.0, -20.0)
   whole = jnp.array([[0.0, 0.0, 1.0, 1.0]])
   # The label changes only where the colour does: no pair pays.
-  assert float(losses.pairwise_colour_loss(
-      split_prediction, jnp.asarray(image), whole)) < 1e-6
+  assert float(boxinst.pairwise_colour_loss(
+      split_prediction, jnp.asarray(image), whole, 3, 2, 0.3)) < 1e-6
   # On a uniform image the same prediction pays at the edge.
-  assert float(losses.pairwise_colour_loss(
-      split_prediction, _uniform_image((255, 0, 0)), whole)) > 1.0
+  assert float(boxinst.pairwise_colour_loss(
+      split_prediction, _uniform_image((255, 0, 0)), whole, 3, 2,
+      0.3)) > 1.0
   # Pairs whose first cell is outside the box are not counted: a box over
   # columns 0-1 sees no edge on the uniform image either.
   narrow = jnp.array([[0.0, 0.0, 1.0, 0.25]])
-  assert float(losses.pairwise_colour_loss(
-      split_prediction, _uniform_image((255, 0, 0)), narrow)) < 1e-6
+  assert float(boxinst.pairwise_colour_loss(
+      split_prediction, _uniform_image((255, 0, 0)), narrow, 3, 2,
+      0.3)) < 1e-6
 
 
 def test_neighbourhood_is_boxinst_3x3_dilation_2():
-  assert sorted(losses.neighbour_offsets(3, 2)) == [
+  assert sorted(boxinst.neighbour_offsets(3, 2)) == [
       (-2, -2), (-2, 0), (-2, 2), (0, -2), (0, 2), (2, -2), (2, 0), (2, 2)]
 
 
 def test_point_loss_at_the_click_cell():
   point = jnp.array([[0.30, 0.60]])  # Cell (2, 4) of 8 x 8.
-  assert float(losses.point_loss(jnp.zeros((1, 8, 8)), point)) == (
+  assert float(boxinst.point_loss(jnp.zeros((1, 8, 8)), point)) == (
       pytest.approx(np.log(2), rel=1e-6))
   hit = jnp.full((1, 8, 8), -20.0).at[0, 2, 4].set(20.0)
-  assert float(losses.point_loss(hit, point)) < 1e-8
-  assert float(losses.point_loss(jnp.roll(hit, 1, axis=2), point)) > 19
+  assert float(boxinst.point_loss(hit, point)) < 1e-8
+  assert float(boxinst.point_loss(jnp.roll(hit, 1, axis=2), point)) > 19
 
 
 def test_outside_box_loss_only_sees_cells_outside_the_box():
   box = jnp.array([[0.0, 0.0, 0.5, 0.5]])  # The top-left 2 x 2 of 4 x 4.
   inside = np.zeros((4, 4), bool)
   inside[:2, :2] = True
-  loss = lambda logits: float(losses.outside_box_loss(logits, box))
+  loss = lambda logits: float(boxinst.outside_box_loss(logits, box))
   assert loss(jnp.zeros((1, 4, 4))) == pytest.approx(np.log(2), rel=1e-6)
   # Whatever the mask does inside the box costs nothing...
   assert loss(_logits_where(inside, 30.0, -30.0)) < 1e-12
@@ -123,9 +127,9 @@ def test_outside_box_loss_only_sees_cells_outside_the_box():
 
 
 def test_pairwise_warmup_ramps_linearly_then_holds():
-  ramp = [float(losses.linear_warmup(s, 150)) for s in (0, 75, 150, 600)]
+  ramp = [float(weighting.linear_warmup(s, 150)) for s in (0, 75, 150, 600)]
   assert ramp == pytest.approx([0.0, 0.5, 1.0, 1.0])
-  assert float(losses.linear_warmup(0, 0)) == 1.0
+  assert float(weighting.linear_warmup(0, 0)) == 1.0
 
 
 @pytest.fixture(scope='module')
@@ -135,8 +139,9 @@ def click_batch(tiny_config):
 
 
 @pytest.fixture(scope='module')
-def click_model_outputs(click_batch):
-  model = pks.PKS(vocab_size=64, dim=16, frozen_bn=True)
+def click_model_outputs(click_batch, tiny_model):
+  model = tiny_model('click.py', 64, dim=16, mask_stride=8, frozen_bn=True,
+                     mask_trunk_gradient=1.0)
   return _run_model(model, click_batch)
 
 
@@ -152,13 +157,15 @@ def _run_model(model, batch):
 
 def test_click_loss_adds_pairwise_as_it_warms_up(click_batch,
                                                  click_model_outputs):
-  loss = lambda step: losses.click_supervision_loss(
-      click_model_outputs, click_batch, step, pairwise_warmup_steps=100)
+  settings = dict(config_lib.load(
+      f'{CLICK_CONFIG}:data=ref_shapes_tiny').loss)
+  settings.update(pairwise_warmup_steps=100, projection=2.0, outside=0.5)
+  loss = lambda step: pks_click.click_supervision_loss(
+      click_model_outputs, click_batch, step, **settings)
   total0, terms = loss(0)
   total50, _ = loss(50)
   total100, _ = loss(100)
-  weights = losses.CLICK_DEFAULT_WEIGHTS
-  others = sum(weights[k] * terms[k] for k in terms if k != 'pairwise')
+  others = sum(settings[k] * terms[k] for k in terms if k != 'pairwise')
   assert float(terms['pairwise']) > 0
   np.testing.assert_allclose(float(total0), float(others), rtol=1e-6)
   np.testing.assert_allclose(float(total50), float(others + 0.5 * terms[
@@ -219,10 +226,9 @@ def test_click_training_is_blind_to_every_stored_mask(
   # ...but the click batch and the click loss do not change at all.
   jax.tree.map(np.testing.assert_array_equal, garbage_click, click_batch)
   config = config_lib.load(f'{CLICK_CONFIG}:data=ref_shapes_tiny')
-  model = train.create_model(config.model, 64)
-  loss_fn = train.loss_function(config)
+  task = tasks.build(config, 64)
 
-  loss = lambda batch: loss_fn(_run_model(model, batch), batch, 1000)
+  loss = lambda batch: task.loss(_run_model(task.model, batch), batch, 1000)
 
   (total, terms), (garbage_total, garbage_terms) = (
       loss(click_batch), loss(garbage_click))

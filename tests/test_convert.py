@@ -22,7 +22,8 @@ import safetensors.numpy
 
 from refseg_jax import config_lib
 from refseg_jax import sharding
-from refseg_jax import train
+from refseg_jax import tasks
+from refseg_jax import train_state
 from refseg_jax.data import pipeline
 from refseg_jax.models import bert
 from refseg_jax.models import convert
@@ -417,9 +418,9 @@ def test_train_state_starts_from_converted_weights(tmp_path):
   config.model_init.backbone = written['backbone']
 
   tokenizer = pipeline.load_tokenizer(config.data.tokenizer, config.data.name)
-  model = train.create_model(config.model, tokenizer.vocab_size)
+  task = tasks.build(config, tokenizer.vocab_size)
   mesh = sharding.make_mesh(config.mesh)
-  state, _ = train.create_train_state(config, model, mesh)
+  state, _ = train_state.create(config, task, mesh)
   params = jax.device_get(state.params)
   batch_stats = jax.device_get(state.batch_stats)
 

@@ -8,8 +8,10 @@ import numpy as np
 import optax
 import pytest
 
-from refseg_jax import losses
+from refseg_jax.losses import heatmap
+from refseg_jax.losses import masks
 from refseg_jax.models import pks
+from refseg_jax.tasks import pks_full
 
 SIZE = 64            # Canvas side S; the grid is S / 8 = 8 cells.
 GRID = SIZE // 8
@@ -17,6 +19,12 @@ VOCAB = 43           # ref_shapes' vocabulary.
 TOKENS = np.array([[1, 7, 12, 30, 2, 0], [1, 40, 2, 0, 0, 0]], np.int32)
 TEXT_MASK = (TOKENS > 0).astype(np.int32)
 
+
+
+def _full_loss(outputs, batch):
+  """The full-supervision task's total with configs/full.py's weights."""
+  return pks_full.full_supervision_loss(outputs, batch, heatmap=1.0, box=5.0,
+                                        dice=1.0, bce=1.0, heatmap_sigma=1.0)[0]
 
 def _batch():
   """Two images, each with one bright square: the referent."""
@@ -33,10 +41,16 @@ def _batch():
           'mask': mask}
 
 
+def small_pks(tiny_model, **fields):
+  """The tiny config's PKS, smaller, at mask stride 8 (the grid's)."""
+  return tiny_model('full.py', VOCAB, **{
+      'dim': 16, 'mask_stride': 8, 'frozen_bn': True, **fields})
+
+
 @pytest.fixture(scope='module')
-def setup():
+def setup(tiny_model):
   """One init of a small PKS, shared by the model tests."""
-  model = pks.PKS(vocab_size=VOCAB, dim=16, frozen_bn=True)
+  model = small_pks(tiny_model)
   batch = _batch()
   init = jax.jit(functools.partial(model.init, train=False))
   variables = init(jax.random.key(0), batch['image'], TOKENS, TEXT_MASK,
@@ -50,7 +64,7 @@ def setup():
 
 def test_gaussian_heatmap_peaks_at_centre_cell_and_is_symmetric():
   # (0.5, 0.3) lies in cell (4, 2) of an 8 x 8 grid.
-  target = np.asarray(losses.gaussian_heatmap(
+  target = np.asarray(heatmap.gaussian_heatmap(
       jnp.array([[0.5, 0.3]]), (GRID, GRID), sigma=1.0))[0]
   assert target[4, 2] == 1.0
   assert np.sum(target == 1.0) == 1
@@ -62,11 +76,11 @@ def test_gaussian_heatmap_peaks_at_centre_cell_and_is_symmetric():
 
 
 def test_focal_loss_small_for_perfect_and_larger_for_wrong_peak():
-  target = losses.gaussian_heatmap(jnp.array([[0.5, 0.3]]), (GRID, GRID), 1.0)
+  target = heatmap.gaussian_heatmap(jnp.array([[0.5, 0.3]]), (GRID, GRID), 1.0)
   perfect = jnp.where(target == 1, 20.0, -20.0)
   wrong = jnp.roll(perfect, 3, axis=2)
-  assert float(losses.focal_heatmap_loss(perfect, target)) < 1e-6
-  assert float(losses.focal_heatmap_loss(wrong, target)) > 1.0
+  assert float(heatmap.focal_heatmap_loss(perfect, target)) < 1e-6
+  assert float(heatmap.focal_heatmap_loss(wrong, target)) > 1.0
 
 
 def test_dice_perfect_zero_disjoint_one_and_valid_mask():
@@ -74,18 +88,18 @@ def test_dice_perfect_zero_disjoint_one_and_valid_mask():
   mask[:, :2] = 1
   perfect = jnp.asarray(np.where(mask > 0, 30.0, -30.0))
   disjoint = -perfect
-  assert float(losses.dice_loss(perfect, mask)) == pytest.approx(0, abs=1e-5)
-  assert float(losses.dice_loss(disjoint, mask)) == pytest.approx(1, abs=1e-5)
+  assert float(masks.dice_loss(perfect, mask)) == pytest.approx(0, abs=1e-5)
+  assert float(masks.dice_loss(disjoint, mask)) == pytest.approx(1, abs=1e-5)
   # Only the valid example counts: a perfect one next to a disjoint one.
   mixed = jnp.stack([perfect[0], disjoint[1]])
   valid = jnp.array([True, False])
-  assert float(losses.dice_loss(mixed, mask, valid)) == pytest.approx(
+  assert float(masks.dice_loss(mixed, mask, valid)) == pytest.approx(
       0, abs=1e-5)
 
 
 def test_bce_of_zero_logits_is_log2():
   mask = np.random.default_rng(0).integers(0, 2, (2, 4, 4))
-  assert float(losses.bce_loss(jnp.zeros((2, 4, 4)), mask)) == pytest.approx(
+  assert float(masks.bce_loss(jnp.zeros((2, 4, 4)), mask)) == pytest.approx(
       np.log(2), rel=1e-6)
 
 
@@ -93,13 +107,13 @@ def test_box_l1_hand_case():
   pred = jnp.array([[0.0, 0.0, 1.0, 1.0]])
   box = jnp.array([[0.1, 0.2, 0.7, 0.9]])
   # (0.1 + 0.2 + 0.3 + 0.1) / 4
-  assert float(losses.box_l1_loss(pred, box)) == pytest.approx(0.175)
+  assert float(heatmap.box_l1_loss(pred, box)) == pytest.approx(0.175)
 
 
 def test_downsample_mask_gives_cell_coverage():
   mask = np.zeros((1, 8, 8), np.uint8)
   mask[0, :2, :3] = 1  # Cell (0, 0) of a 2 x 2 grid: 6 of 16 pixels.
-  pooled = np.asarray(losses.downsample_mask(mask, (2, 2)))
+  pooled = np.asarray(masks.downsample_mask(mask, (2, 2)))
   np.testing.assert_allclose(pooled, [[[6 / 16, 0], [0, 0]]])
 
 
@@ -163,7 +177,7 @@ def test_adam_steps_reduce_full_supervision_loss(setup):
     out = model.apply({**variables, 'params': params}, batch['image'],
                       TOKENS, TEXT_MASK, train=True, centre=centre,
                       rngs={'dropout': rng})
-    return losses.full_supervision_loss(out, batch)[0]
+    return _full_loss(out, batch)
 
   optimizer = optax.adam(3e-3)
 
@@ -176,7 +190,7 @@ def test_adam_steps_reduce_full_supervision_loss(setup):
   def eval_loss(params):
     out = apply({**variables, 'params': params}, batch['image'], TOKENS,
                 TEXT_MASK, centre=centre)
-    return float(losses.full_supervision_loss(out, batch)[0])
+    return float(_full_loss(out, batch))
 
   params = variables['params']
   opt_state = optimizer.init(params)
@@ -197,8 +211,8 @@ def test_centre_snaps_to_its_cell(setup):
   np.testing.assert_array_equal(a['mask_logits'], b['mask_logits'])
 
 
-def test_stride4_masks_and_bad_stride():
-  model = pks.PKS(vocab_size=VOCAB, dim=16, mask_stride=4, frozen_bn=True)
+def test_stride4_masks_and_bad_stride(tiny_model):
+  model = small_pks(tiny_model, mask_stride=4)
   batch = _batch()
   out, _ = model.init_with_output(jax.random.key(0), batch['image'], TOKENS,
                                   TEXT_MASK, train=False,
@@ -206,9 +220,9 @@ def test_stride4_masks_and_bad_stride():
   assert out['mask_logits'].shape == (2, SIZE // 4, SIZE // 4)
   assert out['heatmap'].shape == (2, GRID, GRID)
   # The stride-4 full-supervision targets are pooled to that grid.
-  assert np.isfinite(losses.full_supervision_loss(out, batch)[0])
+  assert np.isfinite(_full_loss(out, batch))
   with pytest.raises(ValueError, match='mask_stride must be 4 or 8, not 2'):
-    pks.PKS(vocab_size=VOCAB, mask_stride=2)
+    small_pks(tiny_model, mask_stride=2)
 
 
 @pytest.mark.parametrize('layers', [0, 1])

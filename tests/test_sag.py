@@ -10,10 +10,11 @@ import pytest
 import tensorflow_datasets as tfds
 
 from refseg_jax import config_lib
-from refseg_jax import losses
-from refseg_jax import train
+from refseg_jax import tasks
 from refseg_jax.data import pipeline
+from refseg_jax.losses import sag as sag_losses
 from refseg_jax.models import sag
+from refseg_jax.tasks import sag_text
 
 TEXT_CONFIG = pathlib.Path(__file__).parents[1] / 'configs' / 'text.py'
 SIZE = 32
@@ -22,14 +23,22 @@ TOKENS = np.array([[1, 7, 12, 2], [1, 9, 2, 0], [1, 5, 6, 2], [1, 8, 2, 0]],
 TEXT_MASK = (TOKENS > 0).astype(np.int32)
 
 
+def small_sag(tiny_model, **fields):
+  """A small SaG on SIZE px: the official ViT-feature reconstruction and
+  [CLS] pooling, every slot a candidate."""
+  return tiny_model('text.py', 16, **{
+      'image_size': SIZE, 'dim': 16, 'groups': 3, 'slots_per_group': 2,
+      'iterations': 2, 'heads': 2, 'head_dim': 8, 'interaction_heads': 2,
+      'interaction_head_dim': 8, 'decoder_hidden': 16,
+      'reconstruct': 'features', 'text_pooling': 'cls', 'max_slot_area': 1.0,
+      **fields})
+
+
 @pytest.fixture(scope='module', params=['fusion', 'slot_max'])
-def model_run(request):
+def model_run(request, tiny_model):
   """A small SaG on 2 images with 2 expressions each (grouped batch), with
   each way of gathering slots."""
-  model = sag.SaG(vocab_size=16, image_size=SIZE, dim=16, groups=3,
-                  slots_per_group=2, iterations=2, heads=2, head_dim=8,
-                  interaction_heads=2, interaction_head_dim=8,
-                  decoder_hidden=16, gather=request.param)
+  model = small_sag(tiny_model, gather=request.param)
   images = np.random.default_rng(0).integers(0, 255, (2, SIZE, SIZE, 3),
                                              np.uint8)
   rngs = {'params': jax.random.key(0), 'slots': jax.random.key(1)}
@@ -131,13 +140,10 @@ def test_slot_matching_scores_are_soft_maxima_of_slot_cosines():
                              rtol=1e-5, atol=1e-7)
 
 
-def test_slot_matching_leaves_out_large_slots_but_never_all():
+def test_slot_matching_leaves_out_large_slots_but_never_all(tiny_model):
   # max_slot_area=0 leaves out every slot but each image's smallest: each
   # expression's mask is then exactly that slot's attention map.
-  model = sag.SaG(vocab_size=16, image_size=SIZE, dim=16, groups=3,
-                  slots_per_group=2, iterations=2, heads=2, head_dim=8,
-                  interaction_heads=2, interaction_head_dim=8,
-                  decoder_hidden=16, gather='slot_max', max_slot_area=0.0)
+  model = small_sag(tiny_model, gather='slot_max', max_slot_area=0.0)
   images = np.random.default_rng(1).integers(0, 255, (2, SIZE, SIZE, 3),
                                              np.uint8)
   rngs = {'params': jax.random.key(0), 'slots': jax.random.key(1)}
@@ -156,7 +162,7 @@ def test_same_image_pairs_are_exactly_the_other_copies():
   # Images 0 and 2 are the same dataset image (id 5); 2 expressions each.
   image_ids = jnp.array([5, 7, 5, 9])
   image_of = jnp.arange(8) // 2
-  excluded = np.asarray(losses.same_image_pairs(image_ids, image_of))
+  excluded = np.asarray(sag_losses.same_image_pairs(image_ids, image_of))
   expected = np.zeros((8, 4), bool)
   expected[[0, 1], 2] = True   # Expressions of image 0: image 2 is a copy.
   expected[[4, 5], 0] = True   # Expressions of image 2: image 0 is a copy.
@@ -168,12 +174,12 @@ def test_c3_loss_hand_computed():
   image_of = jnp.array([0, 1])
   lse = lambda *x: np.log(np.sum(np.exp(x)))
   expected = np.mean([lse(1.0, 0.0, 3.0) - 1.0, lse(0.0, 2.0, 0.5) - 2.0])
-  assert float(losses.c3_loss(scores, image_of)) == pytest.approx(
+  assert float(sag_losses.c3_loss(scores, image_of)) == pytest.approx(
       expected, rel=1e-6)
   # Leaving image 2 out of expression 0's negatives removes its exp(3).
   excluded = jnp.array([[False, False, True], [False, False, False]])
   expected = np.mean([lse(1.0, 0.0) - 1.0, lse(0.0, 2.0, 0.5) - 2.0])
-  assert float(losses.c3_loss(scores, image_of, excluded)) == pytest.approx(
+  assert float(sag_losses.c3_loss(scores, image_of, excluded)) == pytest.approx(
       expected, rel=1e-6)
 
 
@@ -182,14 +188,16 @@ def test_text_loss_warms_up_and_masks_same_image_by_default():
              'reconstruction': jnp.ones((2, 4, 3)),
              'reconstruction_target': jnp.zeros((2, 4, 3))}
   batch = {'image_id': jnp.array([5, 5])}  # The same image twice.
-  total, terms = losses.text_supervision_loss(outputs, batch, 50,
-                                              warmup_steps=100)
+  settings = dict(c3=1.0, reconstruction=1.0, mask_same_image=True,
+                  warmup_steps=100)
+  total, terms = sag_text.text_supervision_loss(outputs, batch, 50,
+                                                **settings)
   # Each expression's only negative is a copy of its own image: C^3 = 0.
   assert float(terms['c3']) == pytest.approx(0.0, abs=1e-6)
   assert float(terms['reconstruction']) == pytest.approx(1.0)
   assert float(total) == pytest.approx(0.5 * (0.0 + 1.0), rel=1e-6)
-  _, official = losses.text_supervision_loss(
-      outputs, batch, 100, mask_same_image=False)
+  _, official = sag_text.text_supervision_loss(
+      outputs, batch, 100, **{**settings, 'mask_same_image': False})
   assert float(official['c3']) > 0.5
 
 
@@ -212,19 +220,18 @@ def test_text_training_is_blind_to_masks_boxes_and_clicks(
                                                            'text')
   jax.tree.map(np.testing.assert_array_equal, batch, garbage_batch)
   config = config_lib.load(f'{TEXT_CONFIG}:data=ref_shapes_tiny')
-  model = train.create_model(config.model, 64)
-  loss_fn = train.loss_function(config)
+  task = tasks.build(config, 64)
 
   @jax.jit
   def loss(batch):
-    tokens = batch['text_tokens'] % 64
-    rngs = {'params': jax.random.key(0), 'slots': jax.random.key(1)}
-    variables = model.init(rngs, batch['image'], tokens, batch['text_mask'],
-                           train=False)
-    outputs = model.apply(variables, batch['image'], tokens,
-                          batch['text_mask'], train=False, all_pairs=True,
-                          rngs={'slots': jax.random.key(2)})
-    return loss_fn(outputs, batch, 1000)
+    batch = {**batch, 'text_tokens': batch['text_tokens'] % 64}
+    variables = task.init_variables(jax.random.key(0))
+    # The training forward pass (all pairs), without dropout.
+    outputs = task.model.apply(
+        variables, batch['image'], batch['text_tokens'], batch['text_mask'],
+        train=False, rngs={'slots': jax.random.key(2)},
+        **task.train_inputs(batch))
+    return task.loss(outputs, batch, 1000)
 
   (total, terms), (garbage_total, garbage_terms) = loss(batch), loss(
       garbage_batch)

@@ -8,9 +8,11 @@ import orbax.checkpoint as ocp
 
 from refseg_jax import config_lib
 from refseg_jax import sharding
-from refseg_jax import train
+from refseg_jax import tasks
+from refseg_jax import train_state
 from refseg_jax.benchmarks import slot_oracle
 from refseg_jax.data import pipeline
+from refseg_jax.evaluation import evaluator
 
 TEXT_CONFIG = pathlib.Path(__file__).parents[1] / 'configs' / 'text.py'
 
@@ -58,14 +60,14 @@ def test_oracle_model_columns_agree_with_the_trainers_evaluation(
   config.data.data_dir = tiny_data_dir
   mesh = sharding.make_mesh(config.mesh)
   vocab_size = pipeline.load_tokenizer(None, config.data.name).vocab_size
-  model = train.create_model(config.model, vocab_size)
-  state, state_shardings = train.create_train_state(config, model, mesh)
+  task = tasks.build(config, vocab_size)
+  state, state_shardings = train_state.create(config, task, mesh)
   # The initial state, saved as a run's checkpoint (the scores need not be
   # good, only the same as the trainer's).
   with ocp.CheckpointManager(tmp_path / 'checkpoints') as manager:
     manager.save(0, args=ocp.args.StandardSave(state))
-  expected, _ = train.Evaluator(config, model, mesh, state_shardings).evaluate(
-      state, 'validation')
+  expected, _ = evaluator.Evaluator(
+      config, task, mesh, state_shardings).evaluate(state, 'validation')
 
   rows = slot_oracle.evaluate(config, str(tmp_path), 'validation')
   assert rows['all']['count'] == expected['num_expressions']

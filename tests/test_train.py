@@ -15,7 +15,6 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
@@ -23,7 +22,9 @@ import pytest
 
 from refseg_jax import config_lib
 from refseg_jax import sharding
+from refseg_jax import tasks
 from refseg_jax import train
+from refseg_jax import train_state
 from refseg_jax.data import pipeline
 
 REPO = pathlib.Path(__file__).parents[1]
@@ -64,9 +65,9 @@ def train_batches(train_config):
 
 def run_steps(config, mesh, batches):
   """Losses and final params of training on `batches` over `mesh`."""
-  model = train.create_model(config.model, 43)
-  state, shardings = train.create_train_state(config, model, mesh)
-  step = train.make_train_step(config, model, mesh, shardings)
+  task = tasks.build(config, 43)
+  state, shardings = train_state.create(config, task, mesh)
+  step = train.make_train_step(config, task, mesh, shardings)
   batch_sharding = sharding.batch_sharding(mesh)
   losses = []
   for batch in batches:
@@ -90,35 +91,6 @@ def test_unknown_variant_or_key_is_a_clear_error(tiny_data_dir, tmp_path):
   assert result.returncode != 0
   assert 'Did you mean "total_steps" instead of "totl_steps"' in result.stderr
   assert not (tmp_path / 'checkpoints').exists()
-
-
-def test_schedule_warms_up_then_decays(train_config):
-  schedule = train.learning_rate_schedule(train_config.optimizer, 100)
-  peak = train_config.optimizer.learning_rate
-  np.testing.assert_allclose(schedule(0), 0.0)
-  np.testing.assert_allclose(schedule(1), peak / 2, rtol=1e-6)
-  np.testing.assert_allclose(schedule(2), peak, rtol=1e-6)
-  np.testing.assert_allclose(
-      schedule(100), peak * train_config.optimizer.end_learning_rate_fraction,
-      rtol=1e-5)
-  assert schedule(50) < schedule(10)
-
-
-def test_learning_rate_multipliers_scale_module_updates(train_config):
-  opt_config = train_config.optimizer.copy_and_resolve_references()
-  opt_config.warmup_steps = 0
-  opt_config.weight_decay = 0.0
-  opt_config.lr_multipliers = {'backbone': 0.0, 'text': 0.5}
-  params = {'backbone': {'w': jnp.ones((2, 2))},
-            'text': {'w': jnp.ones((2, 2))}, 'neck': {'w': jnp.ones((2, 2))}}
-  grads = jax.tree.map(lambda x: 0.01 * x, params)
-  tx = train.make_optimizer(opt_config, total_steps=10)
-  updates, _ = tx.update(grads, tx.init(params), params)
-  # Adam's first step moves every weight by the learning rate (sign of g).
-  lr = opt_config.learning_rate
-  np.testing.assert_allclose(updates['backbone']['w'], 0.0)
-  np.testing.assert_allclose(updates['text']['w'], -0.5 * lr, rtol=1e-4)
-  np.testing.assert_allclose(updates['neck']['w'], -lr, rtol=1e-4)
 
 
 @pytest.fixture(scope='module')

@@ -1,13 +1,15 @@
 """Input-pipeline throughput, in expressions per second on this host.
 
-    python -m refseg_jax.benchmarks.input_pipeline --dataset=ref_shapes \\
-        --supervision=full --batch_size=64 --num_batches=200
+    python -m refseg_jax.benchmarks.input_pipeline --config=configs/full.py \\
+        [--split=train] [--batch_size=64] [--num_batches=200]
 
-`--split=train` times the training pipeline (shuffle, flip, the fields of
-`--supervision`); any other split times the evaluation pipeline. The first
-`--warmup` batches (graph building, shuffle-buffer fill) are not timed.
-Padding rows of evaluation batches count as examples (at most one batch
-per pass over the split).
+reads the data section of a training config (its dataset, canvas size,
+grouping by image) and, for `--split=train`, the fields its task's
+supervision gives a batch (`--config=configs/text.py`: no masks decoded);
+any other split times the evaluation pipeline. The first `--warmup` batches
+(graph building, shuffle-buffer fill) are not timed. Padding rows of
+evaluation batches count as examples (at most one batch per pass over the
+split).
 """
 
 import time
@@ -15,20 +17,11 @@ import time
 from absl import app
 from absl import flags
 from absl import logging
+from ml_collections import config_flags
 import tensorflow_datasets as tfds
 
+from refseg_jax import tasks
 from refseg_jax.data import pipeline
-
-_DATASET = flags.DEFINE_string('dataset', 'ref_shapes', 'TFDS name[/config].')
-_DATA_DIR = flags.DEFINE_string('data_dir', None, 'TFDS data dir.')
-_SPLIT = flags.DEFINE_string('split', 'train', 'train, or an eval split.')
-_SUPERVISION = flags.DEFINE_enum(
-    'supervision', 'full', list(pipeline.SUPERVISION_FIELDS),
-    'Fields of the training batches.')
-_IMAGE_SIZE = flags.DEFINE_integer('image_size', 128, 'Canvas side.')
-_BATCH_SIZE = flags.DEFINE_integer('batch_size', 64, 'Batch size.')
-_NUM_BATCHES = flags.DEFINE_integer('num_batches', 200, 'Timed batches.')
-_WARMUP = flags.DEFINE_integer('warmup', 10, 'Untimed first batches.')
 
 
 def throughput(batches, batch_size: int, warmup: int, num_batches: int
@@ -46,25 +39,34 @@ def throughput(batches, batch_size: int, warmup: int, num_batches: int
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  config = pipeline.default_config()
-  config.name, config.data_dir = _DATASET.value, _DATA_DIR.value
-  config.image_size = config.eval_mask_size = _IMAGE_SIZE.value
-  if _SPLIT.value == 'train':
-    ds = pipeline.train_dataset(config, _SUPERVISION.value, _BATCH_SIZE.value,
-                                seed=0)
+  config, args = flags.FLAGS.config, flags.FLAGS
+  supervision = tasks.get(config.task).supervision
+  if args.split == 'train':
+    ds = pipeline.train_dataset(config.data, supervision, args.batch_size,
+                                seed=config.seed)
   else:
     # Cycles over the split: padding only completes each pass's last batch.
     ds = pipeline.eval_dataset(
-        config, _SPLIT.value, _BATCH_SIZE.value,
-        pipeline.num_eval_batches(config, _SPLIT.value,
-                                  _BATCH_SIZE.value)).repeat()
-  rate = throughput(tfds.as_numpy(ds), _BATCH_SIZE.value, _WARMUP.value,
-                    _NUM_BATCHES.value)
+        config.data, args.split, args.batch_size,
+        pipeline.num_eval_batches(config.data, args.split,
+                                  args.batch_size)).repeat()
+  rate = throughput(tfds.as_numpy(ds), args.batch_size, args.warmup,
+                    args.num_batches)
   logging.info('%s %s (%s): %.0f examples/s, batch %d, %d batches',
-               _DATASET.value, _SPLIT.value, _SUPERVISION.value, rate,
-               _BATCH_SIZE.value, _NUM_BATCHES.value)
+               config.data.name, args.split, supervision, rate,
+               args.batch_size, args.num_batches)
   print(f'{rate:.0f} examples/s')
 
 
 if __name__ == '__main__':
+  # Flags are defined only when run as a program (every command does so),
+  # so that importing a command's module defines no flag.
+  config_flags.DEFINE_config_file(
+      'config', None, 'Training config whose data section is read: FILE:ARG.',
+      lock_config=True)
+  flags.DEFINE_string('split', 'train', 'train, or an eval split.')
+  flags.DEFINE_integer('batch_size', 64, 'Batch size.')
+  flags.DEFINE_integer('num_batches', 200, 'Timed batches.')
+  flags.DEFINE_integer('warmup', 10, 'Untimed first batches.')
+  flags.mark_flags_as_required(['config'])
   app.run(main)

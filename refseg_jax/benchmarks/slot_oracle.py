@@ -29,13 +29,17 @@ import ml_collections
 from ml_collections import config_flags
 import numpy as np
 
+from refseg_jax import checkpointing
 from refseg_jax import sharding
-from refseg_jax import train
+from refseg_jax import tasks
+from refseg_jax import train_state
 from refseg_jax.data import pipeline
 from refseg_jax.data import shapes_language
+from refseg_jax.evaluation import evaluator
 from refseg_jax.evaluation import metrics as res_metrics
 from refseg_jax.models import pks
 from refseg_jax.models import sag
+from refseg_jax.tasks import sag_text
 
 COLUMNS = ('mIoU', 'PointM', 'oracle_mIoU', 'oracle_PointM')
 
@@ -69,19 +73,18 @@ def best_slot_scores(slot_masks: jax.Array, batch: Mapping[str, jax.Array]
           hit.reshape(num_texts, num_slots).any(1))
 
 
-def make_score_step(config: ml_collections.ConfigDict, model: sag.SaG,
-                    mesh: jax.sharding.Mesh, state_shardings: Any):
+def make_score_step(task: sag_text.SaGText, mesh: jax.sharding.Mesh,
+                    state_shardings: Any):
   """The jitted `(state, batch) -> {name: [B]}` of the model's and the
   oracle's per-expression scores (slots drawn with the evaluation's key)."""
   capture = lambda module, _: module.name == 'entities'
 
   def step_fn(state, batch):
-    outputs, state_ = model.apply(
+    outputs, state_ = task.model.apply(
         {'params': state.params, 'batch_stats': state.batch_stats},
-        batch['image'], batch['text_tokens'],
-        batch['text_mask'], train=False,
-        rngs={'slots': train.eval_slot_key(config)},
-        capture_intermediates=capture, mutable=['intermediates'])
+        batch['image'], batch['text_tokens'], batch['text_mask'], train=False,
+        rngs=task.eval_rngs(), capture_intermediates=capture,
+        mutable=['intermediates'])
     _, slot_attention = state_['intermediates']['entities']['__call__'][0]
     grid_h, grid_w = outputs['mask'].shape[1:]
     num_texts, num_images = (batch['text_tokens'].shape[0],
@@ -90,7 +93,7 @@ def make_score_step(config: ml_collections.ConfigDict, model: sag.SaG,
     slot_masks = slot_attention[image_of].reshape(
         num_texts, -1, grid_h, grid_w)
     iou, hit = expression_scores(
-        sag.response_map(outputs['mask'], batch['image'].shape[1]), batch)
+        task.response_map(outputs, batch['image'].shape[1]), batch)
     oracle_iou, oracle_hit = best_slot_scores(slot_masks, batch)
     return {'mIoU': iou, 'PointM': hit, 'oracle_mIoU': oracle_iou,
             'oracle_PointM': oracle_hit}
@@ -122,19 +125,21 @@ def summarise(scores: Mapping[str, np.ndarray], kinds: Sequence[str | None]
 def evaluate(config: ml_collections.ConfigDict, workdir: str,
              split: str = 'validation') -> dict[str, dict[str, float]]:
   """Scores `workdir`'s latest checkpoint on `split` (see module doc)."""
-  if config.model.name != 'sag':
-    raise ValueError(f'The slot oracle needs a SaG config (model.name='
-                     f"'sag'), not {config.model.name!r}.")
+  if config.task != 'sag_text':
+    raise ValueError(f'The slot oracle needs a Shatter and Gather task '
+                     f"(config.task='sag_text'), not {config.task!r}.")
   if jax.process_count() > 1:
     raise ValueError('The slot oracle runs on one host.')
   mesh = sharding.make_mesh(config.mesh)
   tokenizer = pipeline.load_tokenizer(config.data.tokenizer, config.data.name)
-  model = train.create_model(config.model, tokenizer.vocab_size)
-  state, state_shardings = train.create_train_state(config, model, mesh)
-  state = train.restore_latest(epath.Path(workdir), state, state_shardings)
+  task = tasks.build(config, tokenizer.vocab_size)
+  shapes, state_shardings = train_state.shapes_and_shardings(config, task,
+                                                             mesh)
+  state = checkpointing.restore_latest(epath.Path(workdir), shapes,
+                                       state_shardings)
   if state is None:
     raise FileNotFoundError(f'No checkpoint in {workdir}/checkpoints.')
-  step = make_score_step(config, model, mesh, state_shardings)
+  step = make_score_step(task, mesh, state_shardings)
   batch_sharding = sharding.batch_sharding(mesh)
   num_batches = pipeline.num_eval_batches(config.data, split,
                                           config.eval.batch_size)
@@ -143,7 +148,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
   for batch in pipeline.eval_dataset(config.data, split,
                                      config.eval.batch_size,
                                      num_batches).as_numpy_iterator():
-    scores = step(state, sharding.global_batch(train.device_fields(batch),
+    scores = step(state, sharding.global_batch(evaluator.device_fields(batch),
                                                batch_sharding))
     valid = batch['valid'].astype(bool)
     for c in COLUMNS:

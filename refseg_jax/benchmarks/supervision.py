@@ -38,25 +38,13 @@ from refseg_jax import train
 matplotlib.use('Agg')  # Files only; no display needed.
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
-# Mode -> (supervision, uses click noise).
-MODES = {'full': ('full', False), 'click': ('click', False),
-         'click_noise': ('click', True), 'text': ('text', False)}
+# Mode -> (config file, uses click noise).
+MODES = {'full': ('full.py', False), 'click': ('click.py', False),
+         'click_noise': ('click.py', True), 'text': ('text.py', False)}
+CONFIGS = epath.Path(__file__).parents[2] / 'configs'
 COLUMNS = ('mIoU', 'oIoU', 'prec@0.5', 'prec@0.7', 'prec@0.9', 'PointM')
 SPLITS = ('validation', 'test', 'test_novel')
 
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Output directory.',
-                               required=True)
-_MODES = flags.DEFINE_list('modes', list(MODES), f'Of {list(MODES)}.')
-_CONFIG = flags.DEFINE_string(
-    'config', '', "Variant argument of the PKS configs, e.g. "
-    "'data=ref_shapes_tiny'.")
-_DATA_DIR = flags.DEFINE_string('data_dir', None, 'TFDS data dir.')
-_TOTAL_STEPS = flags.DEFINE_integer('total_steps', None,
-                                    "Train steps; None = the config's.")
-_EVAL_EVERY = flags.DEFINE_integer(
-    'eval_every', 325, 'Validation every this many steps (the curve).')
-_CLICK_NOISE = flags.DEFINE_float(
-    'click_noise', 0.05, 'click_noise mode: click shift std / box size.')
 
 
 def mode_config(mode: str, arg: str, data_dir: str | None,
@@ -70,9 +58,8 @@ def mode_config(mode: str, arg: str, data_dir: str | None,
   """
   if mode not in MODES:
     raise ValueError(f'Unknown mode {mode!r}; known: {list(MODES)}.')
-  supervision, noisy = MODES[mode]
-  config = (config_lib.sag_config(arg) if supervision == 'text' else
-            config_lib.pks_config(supervision, arg))
+  config_file, noisy = MODES[mode]
+  config = config_lib.load(f'{CONFIGS / config_file}:{arg}')
   config.data.data_dir = data_dir
   if total_steps:
     config.total_steps = total_steps
@@ -158,7 +145,7 @@ def run(modes: Sequence[str], workdir: str, arg: str = '',
     results = json.loads((root / mode / 'results.json').read_text())
     history = json.loads((root / mode / 'eval_history.json').read_text())
     summary[mode] = {
-        'supervision': config.supervision,
+        'task': config.task,
         'click_noise': config.data.click_noise,
         'model': config.model.to_dict(), 'data': config.data.name,
         'total_steps': config.total_steps, 'batch_size': config.batch_size,
@@ -177,11 +164,27 @@ def run(modes: Sequence[str], workdir: str, arg: str = '',
 
 
 def main(argv: Sequence[str]) -> None:
-  del argv
-  summary = run(_MODES.value, _WORKDIR.value, _CONFIG.value, _DATA_DIR.value,
-                _TOTAL_STEPS.value, _EVAL_EVERY.value, _CLICK_NOISE.value)
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  args = flags.FLAGS
+  summary = run(args.modes, args.workdir, args.config, args.data_dir,
+                args.total_steps, args.eval_every, args.click_noise)
   print(table(summary))
 
 
 if __name__ == '__main__':
+  # Flags are defined only when run as a program (every command does so),
+  # so that importing this module defines no flag.
+  flags.DEFINE_string('workdir', None, 'Output directory.', required=True)
+  flags.DEFINE_list('modes', list(MODES), f'Of {list(MODES)}.')
+  flags.DEFINE_string(
+      'config', '', "Variant argument of every mode's config, e.g. "
+      "'data=ref_shapes_tiny'.")
+  flags.DEFINE_string('data_dir', None, 'TFDS data dir.')
+  flags.DEFINE_integer('total_steps', None,
+                       "Train steps; None = the config's.")
+  flags.DEFINE_integer(
+      'eval_every', 325, 'Validation every this many steps (the curve).')
+  flags.DEFINE_float(
+      'click_noise', 0.05, 'click_noise mode: click shift std / box size.')
   app.run(main)

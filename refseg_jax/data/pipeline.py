@@ -57,35 +57,6 @@ EVAL_FIELDS = ('image', 'text_tokens', 'text_mask', 'eval_mask', 'orig_size',
 _DATASET_VOCABS = {'ref_shapes': ref_shapes.vocab_path}
 
 
-def default_config() -> ml_collections.ConfigDict:
-  """The data section of a training config, with its defaults."""
-  return ml_collections.ConfigDict({
-      'name': 'ref_shapes',       # TFDS name[/config].
-      # TFDS data dir; None = TFDS default. (Placeholders: None values that
-      # `--config.data.data_dir=...` can still set.)
-      'data_dir': ml_collections.config_dict.placeholder(str),
-      # Build the dataset first if it is missing (ref_shapes needs no
-      # download; manual-download datasets say which files they need).
-      'prepare': True,
-      'image_size': 128,          # Side S of the square canvas.
-      'eval_mask_size': 128,      # M >= every original side in eval splits.
-      'max_text_len': 20,         # Tokens, [CLS] and [SEP] included.
-      # vocab.txt or local HF tokenizer directory; None = the dataset's own.
-      'tokenizer': ml_collections.config_dict.placeholder(str),
-      'shuffle_buffer': 10_000,   # Expressions (images when grouped).
-      # Training only: 0 = every expression once per epoch, shuffled across
-      # images; k >= 1 = batches of batch/k images with k expressions each
-      # (drawn without replacement while the image has enough), so the
-      # image side of the model runs once per k expressions.
-      'expressions_per_image': 0,
-      'flip': True,               # Train-time horizontal flip.
-      # Click supervision only: annotator noise on the training clicks, the
-      # standard deviation of each click's shift as a fraction of the box's
-      # height (y) and width (x); 0 = the exact clicks.
-      'click_noise': 0.0,
-  })
-
-
 def load_tokenizer(path: str | None, dataset: str
                    ) -> transformers.PreTrainedTokenizerFast:
   """A fast BERT tokenizer from a `vocab.txt` or a local HF directory.
@@ -325,7 +296,7 @@ def train_dataset(config: ml_collections.ConfigDict, supervision: str,
   """Endless, shuffled training batches of this host's share of the data.
 
   Args:
-    config: the data config (see `default_config`).
+    config: the data config (`configs/common.py`, `data_config`).
     supervision: 'full', 'click' or 'text'; selects the fields (module doc).
     global_batch_size: examples per step over all hosts.
     seed: shuffling and flipping seed; the same seed gives the same order.

@@ -106,25 +106,23 @@ class RefCocoConfig(tfds.core.BuilderConfig):
 
 
 _UNC_SPLITS = ('train', 'val', 'testA', 'testB')
-CONFIGS = {config.name: config for config in [
-    RefCocoConfig(name='refcoco_unc', folder='refcoco', split_by='unc',
-                  splits=_UNC_SPLITS,
-                  description='RefCOCO, UNC partition (Yu et al. 2016).'),
-    RefCocoConfig(name='refcoco_google', folder='refcoco', split_by='google',
-                  splits=('train', 'val', 'test'),
-                  description='RefCOCO, Google partition (images may be '
-                  'shared between splits).'),
-    RefCocoConfig(name='refcocoplus_unc', folder='refcoco+', split_by='unc',
-                  splits=_UNC_SPLITS,
-                  description='RefCOCO+ (no location words), UNC partition.'),
-    RefCocoConfig(name='refcocog_umd', folder='refcocog', split_by='umd',
-                  splits=('train', 'val', 'test'),
-                  description='RefCOCOg, UMD partition (Nagaraja et al. '
-                  '2016).'),
-    RefCocoConfig(name='refcocog_google', folder='refcocog',
-                  split_by='google', splits=('train', 'val'),
-                  description='RefCOCOg, Google partition (Mao et al. 2016).'),
-]}
+# (name, folder, split_by, splits, description) of each partition.
+_PARTITIONS = [
+    ('refcoco_unc', 'refcoco', 'unc', _UNC_SPLITS,
+     'RefCOCO, UNC partition (Yu et al. 2016).'),
+    ('refcoco_google', 'refcoco', 'google', ('train', 'val', 'test'),
+     'RefCOCO, Google partition (images may be shared between splits).'),
+    ('refcocoplus_unc', 'refcoco+', 'unc', _UNC_SPLITS,
+     'RefCOCO+ (no location words), UNC partition.'),
+    ('refcocog_umd', 'refcocog', 'umd', ('train', 'val', 'test'),
+     'RefCOCOg, UMD partition (Nagaraja et al. 2016).'),
+    ('refcocog_google', 'refcocog', 'google', ('train', 'val'),
+     'RefCOCOg, Google partition (Mao et al. 2016).'),
+]
+CONFIGS = {
+    name: RefCocoConfig(name=name, folder=folder, split_by=split_by,
+                        splits=splits, description=description)
+    for name, folder, split_by, splits, description in _PARTITIONS}
 
 # {split: {image id: {annotation id: [ref, ...]}}}
 Index = dict[str, dict[int, dict[int, list[dict]]]]

@@ -11,13 +11,6 @@ import tensorflow_datasets as tfds
 from refseg_jax import visualize
 from refseg_jax.data import ref_shapes  # pylint: disable=unused-import
 
-_DATASET = flags.DEFINE_string('dataset', 'ref_shapes', 'TFDS name[/config].')
-_DATA_DIR = flags.DEFINE_string('data_dir', None, 'TFDS data dir.')
-_SPLIT = flags.DEFINE_string('split', 'train', 'Split to show.')
-_NUM = flags.DEFINE_integer('num', 12, 'Expressions to show.')
-_OUT = flags.DEFINE_string('out', 'examples.png', 'PNG to write.')
-
-
 def panels(examples, num: int):
   """(overlay, sentence) for the first `num` expressions of `examples`."""
   for example in examples:
@@ -36,13 +29,19 @@ def panels(examples, num: int):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  builder = tfds.builder(_DATASET.value, data_dir=_DATA_DIR.value)
-  examples = tfds.as_numpy(builder.as_dataset(split=_SPLIT.value))
-  grid = visualize.captioned_grid(list(panels(examples, _NUM.value)),
+  builder = tfds.builder(flags.FLAGS.dataset, data_dir=flags.FLAGS.data_dir)
+  examples = tfds.as_numpy(builder.as_dataset(split=flags.FLAGS.split))
+  grid = visualize.captioned_grid(list(panels(examples, flags.FLAGS.num)),
                                   columns=4)
-  grid.save(_OUT.value)
-  print(f'Wrote {_OUT.value}')
+  grid.save(flags.FLAGS.out)
+  print(f'Wrote {flags.FLAGS.out}')
 
 
 if __name__ == '__main__':
+  # Flags are defined only when run as a program (every command does so).
+  flags.DEFINE_string('dataset', 'ref_shapes', 'TFDS name[/config].')
+  flags.DEFINE_string('data_dir', None, 'TFDS data dir.')
+  flags.DEFINE_string('split', 'train', 'Split to show.')
+  flags.DEFINE_integer('num', 12, 'Expressions to show.')
+  flags.DEFINE_string('out', 'examples.png', 'PNG to write.')
   app.run(main)

@@ -32,6 +32,8 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from refseg_jax.models import layers
+
 BERT_VOCAB_SIZE = 30522
 
 
@@ -106,20 +108,15 @@ def attention_bias(text_mask: jnp.ndarray) -> jnp.ndarray:
 
 def _dense(config: BertConfig, features: int, dtype: Any,
            name: str) -> nn.Dense:
-  return nn.Dense(
-      features,
-      dtype=dtype,
-      param_dtype=jnp.float32,
-      kernel_init=nn.initializers.normal(config.initializer_range),
-      name=name)
+  """A linear layer with BERT's normal(initializer_range) kernel init."""
+  return layers.dense(
+      features, dtype, name,
+      kernel_init=nn.initializers.normal(config.initializer_range))
 
 
 def _layer_norm(config: BertConfig, dtype: Any) -> nn.LayerNorm:
-  return nn.LayerNorm(
-      epsilon=config.layer_norm_eps,
-      dtype=dtype,
-      param_dtype=jnp.float32,
-      name='LayerNorm')
+  """BERT's LayerNorm (HF module name `LayerNorm`, eps `layer_norm_eps`)."""
+  return layers.layer_norm(dtype, 'LayerNorm', epsilon=config.layer_norm_eps)
 
 
 def _embed(config: BertConfig, num: int, dtype: Any, name: str) -> nn.Embed:
@@ -278,3 +275,31 @@ class BertEncoder(_BertModule):
         x, attention_bias(text_mask), train)
     pooled = BertPooler(self.config, self.dtype, name='pooler')(hidden)
     return {'hidden': hidden, 'pooled': pooled, 'cls': hidden[:, 0]}
+
+
+class TextConditioned(nn.Module, kw_only=True):
+  """Base of the models that read an expression with a `BertEncoder`.
+
+  Its fields are keyword-only, so that a model's own fields come first in
+  its constructor (and may go without a default).
+
+  Attributes:
+    vocab_size: Text vocabulary size.
+    bert_preset: Name in `PRESETS`.
+    text_dropout: BERT's dropout rates; None keeps the preset's (0.1).
+    dtype: Computation dtype (e.g. jnp.bfloat16); params stay float32.
+  """
+  vocab_size: int
+  bert_preset: str
+  text_dropout: float | None
+  dtype: Any
+
+  def encode_text(self, text_tokens: jnp.ndarray, text_mask: jnp.ndarray,
+                  train: bool) -> dict[str, jnp.ndarray]:
+    """The outputs of `BertEncoder` (the submodule 'text') for [T, L] tokens.
+
+    Call it from a compact method.
+    """
+    return BertEncoder(
+        preset(self.bert_preset, self.vocab_size, self.text_dropout),
+        self.dtype, name='text')(text_tokens, text_mask, train)

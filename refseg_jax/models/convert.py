@@ -52,7 +52,6 @@ writes `/ckpt/sag/backbone` and `/ckpt/sag/text`; then train with
 from __future__ import annotations
 
 import dataclasses
-import functools
 import io
 import math
 import re
@@ -449,14 +448,13 @@ def convert_config(config: Any, output: str) -> dict[str, str]:
   Returns:
     {module name: the orbax checkpoint written}, ready for `model_init`.
   """
-  # Only the command line needs the training side (which imports this
-  # module, and TensorFlow through the data pipeline).
-  from refseg_jax import train  # pylint: disable=g-import-not-at-top
+  # Only the command line needs the task registry and the tokenizer (which
+  # bring in the models and TensorFlow).
+  from refseg_jax import tasks  # pylint: disable=g-import-not-at-top
   from refseg_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   tokenizer = pipeline.load_tokenizer(config.data.tokenizer, config.data.name)
-  model = train.create_model(config.model, tokenizer.vocab_size)
-  shapes = jax.eval_shape(functools.partial(train.init_variables, config,
-                                            model), jax.random.key(0))
+  task = tasks.build(config, tokenizer.vocab_size)
+  shapes = jax.eval_shape(task.init_variables, jax.random.key(0))
   written = {}
   for name, converted in load_modules(config.model_init, shapes).items():
     written[name] = str(epath.Path(output) / name)
@@ -465,26 +463,21 @@ def convert_config(config: Any, output: str) -> dict[str, str]:
   return written
 
 
-def _run() -> None:
-  """`python -m refseg_jax.models.convert` (see module doc).
-
-  Its flags exist only here: `refseg_jax.main` defines its own `--config`.
-  """
-  config = config_flags.DEFINE_config_file(
-      'config', None, 'Training config whose model_init names the '
-      'checkpoints: FILE:ARG.')
-  output = flags.DEFINE_string(
-      'output', None, 'Directory for the converted orbax checkpoints.')
-  flags.mark_flags_as_required(['config', 'output'])
-
-  def main(argv):
-    if len(argv) > 1:
-      raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-    for name, path in convert_config(config.value, output.value).items():
-      print(f'--config.model_init.{name}={path}')
-
-  app.run(main)
+def main(argv) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  for name, path in convert_config(flags.FLAGS.config,
+                                   flags.FLAGS.output).items():
+    print(f'--config.model_init.{name}={path}')
 
 
 if __name__ == '__main__':
-  _run()
+  # Flags are defined only when run as a program (every command does so),
+  # so that importing this module defines no flag.
+  config_flags.DEFINE_config_file(
+      'config', None, 'Training config whose model_init names the '
+      'checkpoints: FILE:ARG.')
+  flags.DEFINE_string(
+      'output', None, 'Directory for the converted orbax checkpoints.')
+  flags.mark_flags_as_required(['config', 'output'])
+  app.run(main)

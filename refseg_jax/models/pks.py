@@ -45,13 +45,14 @@ need finer masks). Design choices:
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Literal, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from refseg_jax.models import bert
+from refseg_jax.models import layers
 from refseg_jax.models import resnet
 
 Dtype = Any
@@ -162,13 +163,6 @@ def dynamic_mask_head(mask_features: jax.Array, kernel: jax.Array,
   return x[..., 0]
 
 
-def _conv(features: int, kernel: int, dtype: Dtype, name: str,
-          **kwargs: Any) -> nn.Conv:
-  """A 'SAME' conv with float32 params computing in `dtype`."""
-  return nn.Conv(features, (kernel, kernel), padding='SAME', dtype=dtype,
-                 param_dtype=jnp.float32, name=name, **kwargs)
-
-
 class Neck(nn.Module):
   """FPN-like top-down merge of the ResNet stages into stride-8 and -4 maps.
 
@@ -189,7 +183,7 @@ class Neck(nn.Module):
         ('stage1',) if self.with_stride4 else ())
     outputs, x = {}, None
     for stage in stages:
-      lateral = _conv(self.dim, 1, self.dtype, f'lateral_{stage}')(
+      lateral = layers.conv(self.dim, 1, self.dtype, f'lateral_{stage}')(
           features[stage])
       if x is not None:
         # Resize to the exact lateral shape: stage sizes are rounded up.
@@ -200,7 +194,8 @@ class Neck(nn.Module):
       stride = {'stage2': 8, 'stage1': 4}.get(stage)
       if stride:
         name = 'output' if stride == 8 else 'output_stride4'
-        outputs[stride] = nn.relu(_conv(self.dim, 3, self.dtype, name)(x))
+        outputs[stride] = nn.relu(
+            layers.conv(self.dim, 3, self.dtype, name)(x))
     return outputs
 
 
@@ -219,8 +214,7 @@ class PixelWordFusion(nn.Module):
   def __call__(self, visual: jax.Array, words: jax.Array,
                text_mask: jax.Array) -> jax.Array:
     """Fuses words [B, L, D] into visual features [B, H, W, dim]."""
-    dense = lambda name: nn.Dense(self.dim, dtype=self.dtype,
-                                  param_dtype=jnp.float32, name=name)
+    dense = lambda name: layers.dense(self.dim, self.dtype, name)
     q = dense('query')(visual)
     k = dense('key')(words)
     v = dense('value')(words)
@@ -259,19 +253,17 @@ class SpatialContext(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     """[B, H, W, D] -> [B, H, W, D]."""
     batch, height, width, dim = x.shape
-    position = nn.Dense(dim, dtype=self.dtype, param_dtype=jnp.float32,
-                        name='position')(cell_centres(height, width) * 2 - 1)
+    position = layers.dense(dim, self.dtype, 'position')(
+        cell_centres(height, width) * 2 - 1)
     x = (x + position).reshape(batch, height * width, dim)
     for i in range(self.layers):
-      y = nn.LayerNorm(dtype=self.dtype, name=f'ln_attention_{i}')(x)
+      y = layers.layer_norm(self.dtype, f'ln_attention_{i}')(x)
       x = x + nn.MultiHeadDotProductAttention(
           self.heads, dtype=self.dtype, param_dtype=jnp.float32,
           name=f'attention_{i}')(y, y)
-      y = nn.LayerNorm(dtype=self.dtype, name=f'ln_mlp_{i}')(x)
-      y = nn.gelu(nn.Dense(2 * dim, dtype=self.dtype, param_dtype=jnp.float32,
-                           name=f'mlp_in_{i}')(y))
-      x = x + nn.Dense(dim, dtype=self.dtype, param_dtype=jnp.float32,
-                       name=f'mlp_out_{i}')(y)
+      y = layers.layer_norm(self.dtype, f'ln_mlp_{i}')(x)
+      y = nn.gelu(layers.dense(2 * dim, self.dtype, f'mlp_in_{i}')(y))
+      x = x + layers.dense(dim, self.dtype, f'mlp_out_{i}')(y)
     return x.reshape(batch, height, width, dim)
 
 
@@ -293,17 +285,18 @@ def scale_gradient(x: jax.Array, scale: float) -> jax.Array:
 def _head(x: jax.Array, dim: int, out: int, dtype: Dtype, name: str,
           **out_kwargs: Any) -> jax.Array:
   """3x3 conv + ReLU + 1x1 conv prediction head (`out_kwargs`: its init)."""
-  x = nn.relu(_conv(dim, 3, dtype, f'{name}_conv')(x))
-  return _conv(out, 1, dtype, f'{name}_out', **out_kwargs)(x)
+  x = nn.relu(layers.conv(dim, 3, dtype, f'{name}_conv')(x))
+  return layers.conv(out, 1, dtype, f'{name}_out', **out_kwargs)(x)
 
 
-class PKS(nn.Module):
+class PKS(bert.TextConditioned):
   """PKS referring segmentation model (our reconstruction; see module doc).
 
+  The text vocabulary and encoder, and the computation dtype, are the
+  keyword-only fields of `bert.TextConditioned`.
+
   Attributes:
-    vocab_size: Text vocabulary size.
     resnet_preset: Name in `resnet.PRESETS`.
-    bert_preset: Name in `bert.PRESETS`.
     dim: Channels of the neck and branch features.
     mask_channels: Channels of the mask features and dynamic head.
     mask_layers: Number of 1x1 convs in the dynamic head.
@@ -313,23 +306,17 @@ class PKS(nn.Module):
       position heads (`SpatialContext`).
     mask_trunk_gradient: Scale of the mask losses' gradient into the shared
       backbone and neck (1 = unscaled; weak mask losses are noisier).
-    text_dropout: BERT's dropout rates; None keeps the preset's (0.1).
-    dtype: Computation dtype (e.g. jnp.bfloat16); params stay float32.
     frozen_bn: Always use the ResNet's BN running averages.
   """
 
-  vocab_size: int = bert.BERT_VOCAB_SIZE
-  resnet_preset: str = 'tiny'
-  bert_preset: str = 'tiny'
-  dim: int = 64
-  mask_channels: int = 8
-  mask_layers: int = 3
-  mask_stride: int = 8
-  context_layers: int = 1
-  mask_trunk_gradient: float = 1.0
-  text_dropout: Optional[float] = None
-  dtype: Dtype = jnp.float32
-  frozen_bn: bool = False
+  resnet_preset: str
+  dim: int
+  mask_channels: int
+  mask_layers: int
+  mask_stride: Literal[4, 8]
+  context_layers: int
+  mask_trunk_gradient: float
+  frozen_bn: bool
 
   def __post_init__(self):
     if self.mask_stride not in (4, 8):
@@ -366,9 +353,7 @@ class PKS(nn.Module):
     levels = Neck(self.dim, self.dtype, self.mask_stride == 4,
                   name='neck')(features)
     visual = levels[8]
-    words = bert.BertEncoder(
-        bert.preset(self.bert_preset, self.vocab_size, self.text_dropout),
-        self.dtype, name='text')(text_tokens, text_mask, train)['hidden']
+    words = self.encode_text(text_tokens, text_mask, train)['hidden']
 
     # Grouped batches (k expressions per image, image-major): the image side
     # ran once per image; each expression reads its image's features.

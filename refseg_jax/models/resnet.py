@@ -35,6 +35,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from refseg_jax.models import layers
+
 Dtype = Any
 
 PRESETS: Dict[str, Dict[str, Any]] = {
@@ -62,10 +64,10 @@ def _layers(dtype: Dtype, frozen_bn: bool, train: bool):
     # Explicit symmetric padding like torch; 'SAME' pads asymmetrically for
     # stride 2 and would break weight compatibility with torchvision.
     pad = kernel // 2
-    return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
-                   padding=((pad, pad), (pad, pad)), use_bias=False,
-                   kernel_init=_CONV_INIT, dtype=dtype,
-                   param_dtype=jnp.float32, name=name)
+    return layers.conv(features, kernel, dtype, name,
+                       strides=(stride, stride),
+                       padding=((pad, pad), (pad, pad)), use_bias=False,
+                       kernel_init=_CONV_INIT)
 
   def bn(name: str | None = None) -> nn.BatchNorm:
     # torch momentum 0.1 == Flax momentum 0.9.

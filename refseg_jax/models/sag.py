@@ -44,6 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from refseg_jax.models import bert
+from refseg_jax.models import layers
 from refseg_jax.models import pks
 from refseg_jax.models import vit
 
@@ -71,12 +72,11 @@ def sine_position_encoding(height: int, width: int, dim: int,
                      jnp.float32)
 
 
-def _dense(features: int, dtype: Dtype, name: str) -> nn.Dense:
-  return nn.Dense(features, dtype=dtype, param_dtype=jnp.float32, name=name)
-
-
-def _layer_norm(dtype: Dtype, name: str) -> nn.LayerNorm:
-  return nn.LayerNorm(dtype=dtype, param_dtype=jnp.float32, name=name)
+def _project_heads(layer: nn.Module, x: jax.Array, name: str) -> jax.Array:
+  """The linear map `name` of x [..., D] onto the heads of the attention
+  `layer` (with `heads`, `head_dim` and `dtype`): [..., heads, head_dim]."""
+  return layers.dense(layer.heads * layer.head_dim, layer.dtype, name)(
+      x).reshape(*x.shape[:-1], layer.heads, layer.head_dim)
 
 
 class _Mlp(nn.Module):
@@ -86,12 +86,13 @@ class _Mlp(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    hidden = nn.gelu(_dense(self.ratio * x.shape[-1], self.dtype, 'fc1')(x))
-    return _dense(x.shape[-1], self.dtype, 'fc2')(hidden)
+    hidden = nn.gelu(
+        layers.dense(self.ratio * x.shape[-1], self.dtype, 'fc1')(x))
+    return layers.dense(x.shape[-1], self.dtype, 'fc2')(hidden)
 
 
-class SlotAggregation(nn.Module):
-  """One aggregation step: slots attend over the pixels, competing for them.
+class _SlotAttention(nn.Module):
+  """Fields of the attention layers among slots.
 
   Attributes:
     heads: Attention heads.
@@ -101,6 +102,10 @@ class SlotAggregation(nn.Module):
   heads: int
   head_dim: int
   dtype: Dtype = jnp.float32
+
+
+class SlotAggregation(_SlotAttention):
+  """One aggregation step: slots attend over the pixels, competing for them."""
 
   @nn.compact
   def __call__(self, slots: jax.Array, keys: jax.Array, values: jax.Array
@@ -111,63 +116,66 @@ class SlotAggregation(nn.Module):
     (and averaged over heads); the update reads the values with it
     renormalised over the pixels of each slot.
     """
-    split = lambda x, name: _dense(self.heads * self.head_dim, self.dtype,
-                                   name)(x).reshape(
-                                       *x.shape[:2], self.heads, self.head_dim)
-    q = split(_layer_norm(self.dtype, 'norm_slots')(slots), 'query')
-    k, v = split(keys, 'key'), split(values, 'value')
+    q = _project_heads(
+        self, layers.layer_norm(self.dtype, 'norm_slots')(slots), 'query')
+    k = _project_heads(self, keys, 'key')
+    v = _project_heads(self, values, 'value')
     logits = jnp.einsum('bkhd,bnhd->bhkn', q, k).astype(jnp.float32)
     attention = jax.nn.softmax(logits / np.sqrt(self.head_dim), axis=2)
     weights = attention / (attention.sum(-1, keepdims=True) + _EPS)
     updates = jnp.einsum('bhkn,bnhd->bkhd', weights.astype(self.dtype), v)
-    slots = slots + _dense(slots.shape[-1], self.dtype, 'output')(
+    slots = slots + layers.dense(slots.shape[-1], self.dtype, 'output')(
         updates.reshape(*slots.shape[:2], -1))
     slots = slots + _Mlp(dtype=self.dtype, name='mlp')(
-        _layer_norm(self.dtype, 'norm_mlp')(slots))
+        layers.layer_norm(self.dtype, 'norm_mlp')(slots))
     return slots, attention.mean(1)
 
 
-class SlotInteraction(nn.Module):
-  """Self-attention (+ MLP) among the slots drawn from one Gaussian.
-
-  Attributes:
-    heads: Attention heads.
-    head_dim: Width of each head.
-    dtype: Computation dtype.
-  """
-  heads: int
-  head_dim: int
-  dtype: Dtype = jnp.float32
+class SlotInteraction(_SlotAttention):
+  """Self-attention (+ MLP) among the slots drawn from one Gaussian."""
 
   @nn.compact
   def __call__(self, slots: jax.Array) -> jax.Array:
     """[B, K_g, K_s, D] -> [B, K_g, K_s, D]."""
-    y = _layer_norm(self.dtype, 'norm_attention')(slots)
+    y = layers.layer_norm(self.dtype, 'norm_attention')(slots)
     slots = slots + nn.MultiHeadDotProductAttention(
         self.heads, dtype=self.dtype, param_dtype=jnp.float32,
         qkv_features=self.heads * self.head_dim, name='attention')(y, y)
     return slots + _Mlp(dtype=self.dtype, name='mlp')(
-        _layer_norm(self.dtype, 'norm_mlp')(slots))
+        layers.layer_norm(self.dtype, 'norm_mlp')(slots))
 
 
-class EntityDiscovery(nn.Module):
+class _EntityHeads(nn.Module, kw_only=True):
+  """The attention shapes of entity discovery.
+
+  `EntityDiscovery` and `SaG` (which passes them on) share these fields.
+  They are keyword-only, so that a module's own fields come first in its
+  constructor (and may go without a default).
+
+  Attributes:
+    heads, head_dim: Aggregation attention.
+    interaction_heads, interaction_head_dim: Interaction attention.
+  """
+  heads: int
+  head_dim: int
+  interaction_heads: int
+  interaction_head_dim: int
+
+
+class EntityDiscovery(_EntityHeads):
   """Shatters pixel features into K_g x K_s entity slots.
 
   Attributes:
     groups: K_g, the number of learned Gaussians.
     slots_per_group: K_s, slots drawn from each.
     iterations: T, weight-shared aggregation + interaction steps.
-    heads, head_dim: Aggregation attention.
-    interaction_heads, interaction_head_dim: Interaction attention.
+    heads, head_dim, interaction_heads, interaction_head_dim: Keyword-only
+      (see `_EntityHeads`).
     dtype: Computation dtype.
   """
   groups: int
   slots_per_group: int
   iterations: int
-  heads: int = 4
-  head_dim: int = 256
-  interaction_heads: int = 4
-  interaction_head_dim: int = 128
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -185,7 +193,7 @@ class EntityDiscovery(nn.Module):
         batch, self.groups, self.slots_per_group, dim))
     slots = (mean[:, None] + jnp.exp(0.5 * log_var)[:, None] * noise).reshape(
         batch, -1, dim).astype(self.dtype)
-    inputs = _layer_norm(self.dtype, 'norm_inputs')(features)
+    inputs = layers.layer_norm(self.dtype, 'norm_inputs')(features)
     keys = values = inputs + position.astype(self.dtype)
     aggregate = SlotAggregation(self.heads, self.head_dim, self.dtype,
                                 name='aggregation')
@@ -196,8 +204,8 @@ class EntityDiscovery(nn.Module):
       slots, attention = aggregate(slots, keys, values)
       slots = interact(slots.reshape(batch, self.groups, -1, dim)).reshape(
           batch, -1, dim)
-    slots = _layer_norm(self.dtype, 'norm_output')(
-        _dense(dim, self.dtype, 'output')(slots))
+    slots = layers.layer_norm(self.dtype, 'norm_output')(
+        layers.dense(dim, self.dtype, 'output')(slots))
     return slots, attention
 
 
@@ -235,13 +243,11 @@ class TextSlotFusion(nn.Module):
     """
     dim = text.shape[-1]
     width = self.heads * self.head_dim
-    q = _dense(width, self.dtype, 'query')(
-        _layer_norm(self.dtype, 'norm_text')(text)).reshape(
-            -1, self.heads, self.head_dim)
-    normed = _layer_norm(self.dtype, 'norm_slots')(slots)
-    k = _dense(width, self.dtype, 'key')(normed).reshape(
-        *slots.shape[:2], self.heads, self.head_dim)
-    v = _dense(width, self.dtype, 'value')(normed).reshape(k.shape)
+    q = _project_heads(
+        self, layers.layer_norm(self.dtype, 'norm_text')(text), 'query')
+    normed = layers.layer_norm(self.dtype, 'norm_slots')(slots)
+    k = _project_heads(self, normed, 'key')
+    v = _project_heads(self, normed, 'value')
     if paired:  # Text t with slots t: T fusions, laid out as [T, 1, ...].
       logits = jnp.einsum('thd,tkhd->thk', q, k)[:, None]
       gather = lambda a: jnp.einsum('tihk,tkhd->tihd', a, v)
@@ -251,10 +257,10 @@ class TextSlotFusion(nn.Module):
     attention = jax.nn.softmax(
         logits.astype(jnp.float32) / np.sqrt(self.head_dim), axis=-1)
     read = gather(attention.astype(self.dtype))
-    z = text[:, None] + _dense(dim, self.dtype, 'output')(
+    z = text[:, None] + layers.dense(dim, self.dtype, 'output')(
         read.reshape(*read.shape[:2], width))
     z = z + _Mlp(dtype=self.dtype, name='mlp')(
-        _layer_norm(self.dtype, 'norm_mlp')(z))
+        layers.layer_norm(self.dtype, 'norm_mlp')(z))
     return unit_vectors(z), attention.mean(2)
 
 
@@ -288,8 +294,8 @@ class SlotMatching(nn.Module):
       Scores [T, I'] (logsumexp of s over the slots) and A_fuse [T, I', K]
       (softmax of s over the slots); I' = 1 when paired, else I.
     """
-    keys = unit_vectors(_dense(slots.shape[-1], self.dtype, 'slot_embedding')(
-        slots))
+    keys = unit_vectors(
+        layers.dense(slots.shape[-1], self.dtype, 'slot_embedding')(slots))
     similarity = (jnp.einsum('td,tkd->tk', unit_vectors(text), keys)[:, None]
                   if paired else
                   jnp.einsum('td,ikd->tik', unit_vectors(text), keys))
@@ -321,8 +327,8 @@ class SlotDecoder(nn.Module):
                           (self.num_positions, slots.shape[-1]))
     x = slots[:, :, None] + position.astype(self.dtype)  # [B, K, N, D]
     for i in range(3):
-      x = nn.relu(_dense(self.hidden, self.dtype, f'layer_{i}')(x))
-    out = _dense(self.features + 1, self.dtype, 'layer_3')(x).astype(
+      x = nn.relu(layers.dense(self.hidden, self.dtype, f'layer_{i}')(x))
+    out = layers.dense(self.features + 1, self.dtype, 'layer_3')(x).astype(
         jnp.float32)
     alpha = jax.nn.softmax(out[..., -1], axis=1)  # Over the slots.
     return jnp.einsum('bkn,bknf->bnf', alpha, out[..., :-1])
@@ -368,18 +374,17 @@ def response_map(mask: jax.Array, size: int) -> jax.Array:
   return min_max_normalise(mask) - 0.5
 
 
-class SaG(nn.Module):
+class SaG(bert.TextConditioned, _EntityHeads):
   """Shatter and Gather (see module doc).
 
+  The text vocabulary and encoder, and the computation dtype, are the
+  keyword-only fields of `bert.TextConditioned`.
+
   Attributes:
-    vocab_size: Text vocabulary size.
     vit_preset: Name in `vit.PRESETS`.
-    bert_preset: Name in `bert.PRESETS`.
     image_size: The side the ViT's position embeddings are laid out for.
     dim: Slot and joint embedding width (512 in the paper).
     groups, slots_per_group, iterations: K_g, K_s, T.
-    heads, head_dim: Aggregation and fusion attention.
-    interaction_heads, interaction_head_dim: Interaction attention.
     decoder_hidden: Width of the reconstruction decoder.
     reconstruct: What the slot decoder reconstructs: 'features', the ViT's
       patch tokens (the official code; its ViT is pretrained), or
@@ -401,30 +406,23 @@ class SaG(nn.Module):
       but the objects, encodes the layout, and C^3 otherwise learns to
       match spatial expressions with it. 1.0 keeps every slot.
     drop_path: The ViT's stochastic depth.
-    text_dropout: BERT's dropout rates; None keeps the preset's.
-    dtype: Computation dtype; params stay float32.
+    heads, head_dim, interaction_heads, interaction_head_dim: Keyword-only,
+      see `_EntityHeads`; heads and head_dim also shape the fusion
+      attention.
   """
-  vocab_size: int = bert.BERT_VOCAB_SIZE
-  vit_preset: str = 'tiny'
-  bert_preset: str = 'tiny'
-  image_size: int = 128
-  dim: int = 512
-  groups: int = 18
-  slots_per_group: int = 2
-  iterations: int = 6
-  heads: int = 4
-  head_dim: int = 256
-  interaction_heads: int = 4
-  interaction_head_dim: int = 128
-  decoder_hidden: int = 512
-  reconstruct: str = 'features'
-  text_pooling: str = 'cls'
-  gather: str = 'fusion'
-  slot_temperature: float = 0.1
-  max_slot_area: float = 1.0
-  drop_path: float = 0.0
-  text_dropout: float | None = None
-  dtype: Dtype = jnp.float32
+  vit_preset: str
+  image_size: int
+  dim: int
+  groups: int
+  slots_per_group: int
+  iterations: int
+  decoder_hidden: int
+  reconstruct: str
+  text_pooling: str
+  gather: str
+  slot_temperature: float
+  max_slot_area: float
+  drop_path: float
 
   @nn.compact
   def __call__(self, images: jax.Array, text_tokens: jax.Array,
@@ -453,18 +451,17 @@ class SaG(nn.Module):
                      image_size=self.image_size, drop_path_rate=self.drop_path,
                      dtype=self.dtype, name='backbone')(pixels, train)
     _, grid_h, grid_w, width = tokens['grid'].shape
-    features = _dense(self.dim, self.dtype, 'visual_projection')(
+    features = layers.dense(self.dim, self.dtype, 'visual_projection')(
         tokens['tokens'])
     slots, slot_attention = EntityDiscovery(
-        self.groups, self.slots_per_group, self.iterations, self.heads,
-        self.head_dim, self.interaction_heads, self.interaction_head_dim,
-        self.dtype, name='entities')(
+        self.groups, self.slots_per_group, self.iterations, self.dtype,
+        heads=self.heads, head_dim=self.head_dim,
+        interaction_heads=self.interaction_heads,
+        interaction_head_dim=self.interaction_head_dim, name='entities')(
             features, sine_position_encoding(grid_h, grid_w, self.dim))
 
-    encoded = bert.BertEncoder(
-        bert.preset(self.bert_preset, self.vocab_size, self.text_dropout),
-        self.dtype, name='text')(text_tokens, text_mask, train)
-    text = _dense(self.dim, self.dtype, 'text_projection')(
+    encoded = self.encode_text(text_tokens, text_mask, train)
+    text = layers.dense(self.dim, self.dtype, 'text_projection')(
         pool_text(encoded, text_mask, self.text_pooling))
 
     num_texts, num_images = text.shape[0], images.shape[0]

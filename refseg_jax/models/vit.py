@@ -28,6 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from refseg_jax.models import layers
+
 Dtype = Any
 Grid = Tuple[int, int]
 
@@ -199,20 +201,18 @@ class PatchEmbed(nn.Module):
   def __call__(self, images: jax.Array) -> jax.Array:
     """Maps [B, H, W, C] images to a [B, H/p, W/p, D] token grid."""
     p = self.patch_size
-    return nn.Conv(self.width, (p, p), strides=(p, p), padding='VALID',
-                   dtype=self.dtype, param_dtype=jnp.float32,
-                   name='proj')(images)
+    return layers.conv(self.width, p, self.dtype, 'proj', strides=(p, p),
+                       padding='VALID')(images)
 
 
 def _dense(features: int, dtype: Dtype, name: str) -> nn.Dense:
-  return nn.Dense(features, dtype=dtype, param_dtype=jnp.float32,
-                  kernel_init=_INIT, name=name)
+  """A linear layer with timm's trunc_normal(0.02) kernel init."""
+  return layers.dense(features, dtype, name, kernel_init=_INIT)
 
 
 def _layer_norm(dtype: Dtype, name: str) -> nn.LayerNorm:
-  # timm ViTs use eps=1e-6.
-  return nn.LayerNorm(epsilon=1e-6, dtype=dtype, param_dtype=jnp.float32,
-                      name=name)
+  """A LayerNorm with timm ViTs' eps of 1e-6."""
+  return layers.layer_norm(dtype, name, epsilon=1e-6)
 
 
 def _as_grid(size: Union[int, Sequence[int]]) -> Grid:

@@ -1,0 +1,148 @@
+"""What every config shares: the data variants, the training defaults, PKS.
+
+`configs/full.py`, `click.py` and `text.py` start from `training(data)` and
+add their task, model and loss; full and click share `pks_model(variant)`.
+Every value a config uses is in its own file or here, once.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ml_collections
+from ml_collections import config_dict
+
+from refseg_jax import config_lib
+from refseg_jax.data import refcoco
+
+# The RefCOCO-family configs of `refseg_jax.data.refcoco`, with the splits
+# their papers report: all but train (after training; `val` also picks the
+# best params).
+REFER_FINAL_SPLITS = {
+    name: tuple(split for split in config.splits if split != 'train')
+    for name, config in refcoco.CONFIGS.items()}
+
+# Named data variants: the data entries each one sets over `data_config`.
+DATA_VARIANTS: dict[str, dict[str, Any]] = {
+    # The built-in benchmark (128 px, 70,787 training expressions).
+    'ref_shapes': dict(name='ref_shapes', image_size=128, eval_mask_size=128),
+    # Its 64 px, 240-image config, for tests and smoke runs.
+    'ref_shapes_tiny': dict(name='ref_shapes/tiny', image_size=64,
+                            eval_mask_size=64, shuffle_buffer=256),
+    # RefCOCO, RefCOCO+, RefCOCOg (build them first: docs/refcoco.md; they
+    # need --config.data.tokenizer): 480 px as LAVT, masks scored at the
+    # original size (COCO sides <= 640), a shuffle buffer of 2,000 JPEGs
+    # (~0.3 GB).
+    **{name: dict(name=f'refcoco/{name}', image_size=480, eval_mask_size=640,
+                  shuffle_buffer=2_000) for name in REFER_FINAL_SPLITS},
+}
+
+# Named PKS model variants (configs/full.py and click.py). 'tiny' trains on
+# a 2-core CPU in minutes; the others are the paper-scale backbones
+# (ResNet-50/101 with BERT-base), which want pretrained weights and an
+# accelerator.
+PKS_MODEL_VARIANTS: dict[str, dict[str, Any]] = {
+    'tiny': dict(resnet_preset='tiny', bert_preset='tiny', dim=32,
+                 text_dropout=0.0),
+    'r50': dict(resnet_preset='resnet50', bert_preset='base', dim=256,
+                dtype='bfloat16'),
+    'r101': dict(resnet_preset='resnet101', bert_preset='base', dim=256,
+                 dtype='bfloat16'),
+}
+
+
+def data_config(variant: str) -> ml_collections.ConfigDict:
+  """The data section (`refseg_jax.data.pipeline`) of the named variant."""
+  config = ml_collections.ConfigDict(dict(
+      name='ref_shapes',          # TFDS name[/config].
+      # TFDS data dir; None = TFDS default. (Placeholders: None values that
+      # `--config.data.data_dir=...` can still set.)
+      data_dir=config_dict.placeholder(str),
+      # Build the dataset first if it is missing (ref_shapes needs no
+      # download; manual-download datasets say which files they need).
+      prepare=True,
+      image_size=128,             # Side S of the square canvas.
+      eval_mask_size=128,         # M >= every original side in eval splits.
+      max_text_len=20,            # Tokens, [CLS] and [SEP] included.
+      # vocab.txt or local HF tokenizer directory; None = the dataset's own.
+      tokenizer=config_dict.placeholder(str),
+      shuffle_buffer=10_000,      # Expressions (images when grouped).
+      # Training only: 0 = every expression once per epoch, shuffled across
+      # images; k >= 1 = batches of batch/k images with k expressions each.
+      # 2: the image side runs once for both, so a PKS step costs 160 ms
+      # instead of 250 on 2 CPU cores, and the pair often contrasts two
+      # objects of one scene (4 repeats the many images that have fewer
+      # expressions and trained worse).
+      expressions_per_image=2,
+      flip=True,                  # Train-time horizontal flip.
+      # Click supervision only: annotator noise on the training clicks, the
+      # standard deviation of each click's shift as a fraction of the box's
+      # height (y) and width (x); 0 = the exact clicks.
+      click_noise=0.0,
+  ))
+  config.update(config_lib.choose(DATA_VARIANTS, variant, 'data'))
+  return config
+
+
+def training(data: str) -> ml_collections.ConfigDict:
+  """What every task's config shares: data, optimiser, mesh, evaluation.
+
+  Unlocked; each config file adds `task`, `model` and `loss`, then locks it.
+  """
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  config.data = data_config(data)
+
+  # Pretrained weights of the encoders, by top-level module: a Hugging Face
+  # directory, a timm / torchvision / HF .safetensors or .bin file, or an
+  # orbax checkpoint of `python -m refseg_jax.models.convert`
+  # (docs/pretrained.md). None keeps the random initialisation.
+  config.model_init = ml_collections.ConfigDict(dict(
+      backbone=config_dict.placeholder(str),
+      text=config_dict.placeholder(str)))
+
+  config.batch_size = 32            # Expressions, over all hosts and devices.
+  config.total_steps = 2_050
+  # `refseg_jax.optimizer.make`'s arguments.
+  config.optimizer = ml_collections.ConfigDict(dict(
+      learning_rate=2e-3, weight_decay=1e-4, b1=0.9, b2=0.999,
+      warmup_steps=100, end_learning_rate_fraction=0.01, grad_clip_norm=1.0,
+      # Learning-rate multipliers of top-level modules (pretrained encoders
+      # usually train slower); unlisted modules train at 1x.
+      lr_multipliers=dict(backbone=1.0, text=1.0)))
+
+  # Devices as [(axis, size)], -1 = the rest; batches split over every axis,
+  # parameters >= fsdp_min_size elements sharded over `fsdp_axis`.
+  config.mesh = [('data', -1)]
+  config.fsdp_axis = ''
+  config.fsdp_min_size = 2**14
+
+  config.log_every_steps = 50
+  config.checkpoint_every_steps = 500
+  config.keep_checkpoints = 2
+  config.eval = ml_collections.ConfigDict(dict(
+      splits=('validation',),           # Evaluated periodically and at the end.
+      # The README's main command must fit in 10 minutes on 2 CPU cores, so
+      # by default: no mid-run validation (~17 s there), and `test_novel`
+      # (~11 s) only when asked for, as the supervision benchmark does:
+      # --config.eval.final_splits=validation,test,test_novel.
+      final_splits=('validation', 'test'),
+      every_steps=2_050, batch_size=64, num_overlays=8,
+      best_split='validation'))         # Its mIoU picks the best checkpoint.
+  if data in REFER_FINAL_SPLITS:
+    config.eval.update(splits=('val',), final_splits=REFER_FINAL_SPLITS[data],
+                       best_split='val')
+  return config
+
+
+def pks_model(variant: str) -> ml_collections.ConfigDict:
+  """The fields of `refseg_jax.models.pks.PKS` for the named variant."""
+  model = ml_collections.ConfigDict(dict(
+      resnet_preset='tiny', bert_preset='tiny', dim=64,
+      mask_channels=8, mask_layers=3, mask_stride=4, context_layers=1,
+      mask_trunk_gradient=1.0,
+      # BERT's dropout rates; None keeps the preset's (0.1).
+      text_dropout=config_dict.placeholder(float), dtype='float32',
+      frozen_bn=False))
+  model.update(config_lib.choose(PKS_MODEL_VARIANTS, variant, 'model'))
+  return model
