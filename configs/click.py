@@ -20,10 +20,8 @@ Variants, big_vision style, after a colon:
     --config=configs/click.py:model=r101             # paper scale: ResNet-101
                                                      # + BERT-base, bf16,
                                                      # pairwise warm-up 10k
-    --config=configs/click.py:data=refcoco_unc       # RefCOCO (UNC), 480 px,
-        # eval val/testA/testB; also refcoco_google, refcocoplus_unc,
-        # refcocog_umd, refcocog_google. Build it and set
-        # --config.data.tokenizer first (docs/refcoco.md).
+    --config=configs/click.py:data=refcoco_unc       # RefCOCO: the data
+        # variants of configs/full.py (docs/refcoco.md).
 
 Annotator noise on the clicks (a fraction of the box size):
 `--config.data.click_noise=0.05`. `python -m refseg_jax.benchmarks.supervision`
@@ -35,18 +33,12 @@ from refseg_jax import config_lib
 
 common = config_lib.import_sibling(__file__, 'common')
 
-
-# The named variants `get_config` takes, by argument (the first the
-# default); tests/test_configs.py builds every one.
-VARIANTS = dict(data=tuple(common.DATA_VARIANTS), model=tuple(common.PKS_MODEL_VARIANTS))
+VARIANTS = common.PKS_VARIANTS  # tests/test_configs.py builds every one.
 
 
 def get_config(arg=None):
   """The config of `arg`'s variant (see module doc)."""
-  args = config_lib.parse_arg(arg, **{k: v[0] for k, v in VARIANTS.items()})
-  config = common.training(args.data)
-  config.task = 'pks_click'  # refseg_jax.tasks.pks_click
-  config.model = common.pks_model(args.model)
+  config, args = common.pks_training(arg, task='pks_click')
   # The weak mask losses' gradient into the shared trunk is mostly noise:
   # at a tenth of it, validation mIoU went from 55.6 to 68.3
   # (docs/results.md).

@@ -135,6 +135,27 @@ def training(data: str) -> ml_collections.ConfigDict:
   return config
 
 
+# The named variants of configs/full.py and click.py, by argument (the first
+# is the default).
+PKS_VARIANTS = dict(data=tuple(DATA_VARIANTS), model=tuple(PKS_MODEL_VARIANTS))
+
+
+def default_args(variants: dict[str, tuple[str, ...]]) -> dict[str, str]:
+  """{argument: its default (first) variant}, for `config_lib.parse_arg`."""
+  return {key: names[0] for key, names in variants.items()}
+
+
+def pks_training(arg: str | None, task: str
+                 ) -> tuple[ml_collections.ConfigDict, ml_collections.ConfigDict]:
+  """(config, parsed arg) of a PKS task: `training` with `task` and the
+  PKS model of the `model=` variant; unlocked, without `loss`."""
+  args = config_lib.parse_arg(arg, **default_args(PKS_VARIANTS))
+  config = training(args.data)
+  config.task = task
+  config.model = pks_model(args.model)
+  return config, args
+
+
 def pks_model(variant: str) -> ml_collections.ConfigDict:
   """The fields of `refseg_jax.models.pks.PKS` for the named variant."""
   model = ml_collections.ConfigDict(dict(

@@ -28,18 +28,12 @@ from refseg_jax import config_lib
 
 common = config_lib.import_sibling(__file__, 'common')
 
-
-# The named variants `get_config` takes, by argument (the first the
-# default); tests/test_configs.py builds every one.
-VARIANTS = dict(data=tuple(common.DATA_VARIANTS), model=tuple(common.PKS_MODEL_VARIANTS))
+VARIANTS = common.PKS_VARIANTS  # tests/test_configs.py builds every one.
 
 
 def get_config(arg=None):
   """The config of `arg`'s variant (see module doc)."""
-  args = config_lib.parse_arg(arg, **{k: v[0] for k, v in VARIANTS.items()})
-  config = common.training(args.data)
-  config.task = 'pks_full'  # refseg_jax.tasks.pks_full
-  config.model = common.pks_model(args.model)
+  config, _ = common.pks_training(arg, task='pks_full')
   # Loss weights and the heatmap target's standard deviation (cells).
   config.loss = dict(heatmap=1.0, box=5.0, dice=1.0, bce=1.0,
                      heatmap_sigma=1.0)

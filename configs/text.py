@@ -66,14 +66,14 @@ MODEL_VARIANTS = {
 }
 
 
-# The named variants `get_config` takes, by argument (the first the
+# The named variants `get_config` takes, by argument (the first is the
 # default); tests/test_configs.py builds every one.
 VARIANTS = dict(data=tuple(common.DATA_VARIANTS), model=tuple(MODEL_VARIANTS))
 
 
 def get_config(arg=None):
   """The config of `arg`'s variant (see module doc)."""
-  args = config_lib.parse_arg(arg, **{k: v[0] for k, v in VARIANTS.items()})
+  args = config_lib.parse_arg(arg, **common.default_args(VARIANTS))
   config = common.training(args.data)
   config.task = 'sag_text'  # refseg_jax.tasks.sag_text
   config.model = dict(image_size=config.data.image_size, dtype='float32',

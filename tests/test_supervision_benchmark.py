@@ -47,10 +47,10 @@ def test_modes_share_data_steps_and_seed_pks_modes_also_the_model():
     assert configs[mode]['model']['mask_trunk_gradient'] == 0.1
   assert configs['full']['model']['mask_trunk_gradient'] == 1.0
   assert configs['click']['loss'] == configs['click_noise']['loss']
-  assert [(c['supervision'], c['model']['name'], c['data']['click_noise'])
+  assert [(c['task'], c['data']['click_noise'])
           for c in configs.values()] == [
-              ('full', 'pks', 0.0), ('click', 'pks', 0.0),
-              ('click', 'pks', 0.05), ('text', 'sag', 0.0)]
+              ('pks_full', 0.0), ('pks_click', 0.0), ('pks_click', 0.05),
+              ('sag_text', 0.0)]
   assert configs['full']['eval']['every_steps'] == 50
   assert configs['full']['total_steps'] == 100
 
@@ -63,8 +63,8 @@ def test_benchmark_run_writes_table_json_and_plot(tiny_data_dir, tmp_path):
       data_dir=tiny_data_dir, total_steps=2, eval_every=2, click_noise=0.05)
 
   assert json.loads((tmp_path / 'supervision.json').read_text()) == summary
-  assert [(e['supervision'], e['click_noise']) for e in summary.values()] == [
-      ('click', 0.05)]
+  assert [(e['task'], e['click_noise']) for e in summary.values()] == [
+      ('pks_click', 0.05)]
   for entry in summary.values():
     assert set(entry['results']) == set(supervision.SPLITS)
     for values in entry['results'].values():
