@@ -11,7 +11,7 @@ setuptools.setup(
     description='Referring expression segmentation under full, click and '
                 'text supervision, in JAX/Flax.',
     packages=setuptools.find_packages(include=['refseg_jax', 'refseg_jax.*']),
-    package_data={'refseg_jax.data': ['*.txt']},
+    package_data={'refseg_jax.data.ref_shapes': ['vocab.txt']},
     python_requires='>=3.10',
     install_requires=[
         'absl-py>=2.5,<3',

@@ -13,7 +13,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from refseg_jax import config_lib
-from refseg_jax.data import refcoco
+from refseg_jax.data.refcoco import builder as refcoco
 
 # The RefCOCO-family configs of `refseg_jax.data.refcoco`, with the splits
 # their papers report: all but train (after training; `val` also picks the

@@ -8,8 +8,8 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from refseg_jax.data import pipeline
-from refseg_jax.data import ref_shapes
-from refseg_jax.data import shapes_language as lang
+from refseg_jax.data.ref_shapes import builder as ref_shapes
+from refseg_jax.data.ref_shapes import language as lang
 
 BATCH = 8
 

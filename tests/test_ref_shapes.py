@@ -10,9 +10,9 @@ import pytest
 import tensorflow_datasets as tfds
 
 from refseg_jax.data import pipeline
-from refseg_jax.data import ref_shapes
-from refseg_jax.data import shapes_language as lang
-from refseg_jax.data import shapes_scene
+from refseg_jax.data.ref_shapes import builder as ref_shapes
+from refseg_jax.data.ref_shapes import language as lang
+from refseg_jax.data.ref_shapes import scene as shapes_scene
 
 
 @pytest.fixture(scope='module')
@@ -37,7 +37,8 @@ def test_building_twice_gives_identical_files(tiny_builder, tmp_path):
   # In a new process (protobuf's map order, for one, changes between them),
   # rendering in worker processes where the fixture used none.
   subprocess.run([sys.executable, '-c', (
-      'from refseg_jax.data import build, ref_shapes\n'
+      'from refseg_jax.data import build\n'
+      'from refseg_jax.data.ref_shapes import builder as ref_shapes\n'
       'ref_shapes._MIN_IMAGES_PER_WORKER = 20\n'
       f'build.build("ref_shapes/tiny", {str(tmp_path)!r})')],
                  check=True, capture_output=True)

@@ -27,10 +27,10 @@ import tensorflow_datasets as tfds
 from refseg_jax import config_lib
 from refseg_jax import train
 from refseg_jax.data import build
-from refseg_jax.data import check_refcoco
+from refseg_jax.data.refcoco import check as check_refcoco
 from refseg_jax.data import features
-from refseg_jax.data import refcoco
-from refseg_jax.data import refer_files
+from refseg_jax.data.refcoco import builder as refcoco
+from refseg_jax.data.refcoco import refer_files
 
 REPO = pathlib.Path(__file__).parents[1]
 SAMPLE = REPO.parent / 'shared' / 'refcoco_sample' / 'refer'

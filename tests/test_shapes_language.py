@@ -2,7 +2,7 @@
 
 import pytest
 
-from refseg_jax.data import shapes_language as lang
+from refseg_jax.data.ref_shapes import language as lang
 
 Obj = lang.SceneObject
 NP = lang.NounPhrase

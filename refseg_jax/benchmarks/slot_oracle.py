@@ -34,7 +34,7 @@ from refseg_jax import sharding
 from refseg_jax import tasks
 from refseg_jax import train_state
 from refseg_jax.data import pipeline
-from refseg_jax.data import shapes_language
+from refseg_jax.data.ref_shapes import language as shapes_language
 from refseg_jax.evaluation import evaluator
 from refseg_jax.evaluation import metrics as res_metrics
 from refseg_jax.models import pks

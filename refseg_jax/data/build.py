@@ -17,8 +17,8 @@ from absl import logging
 import tensorflow_datasets as tfds
 
 # pylint: disable=unused-import
-from refseg_jax.data import ref_shapes
-from refseg_jax.data import refcoco
+from refseg_jax.data.ref_shapes import builder as ref_shapes
+from refseg_jax.data.refcoco import builder as refcoco
 # pylint: enable=unused-import
 
 

@@ -42,7 +42,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 import transformers
 
-from refseg_jax.data import ref_shapes
+from refseg_jax.data.ref_shapes import builder as ref_shapes
 
 SUPERVISION_FIELDS = {
     # The image ids tell text supervision which images in a batch are the

@@ -9,7 +9,7 @@ from absl import flags
 import tensorflow_datasets as tfds
 
 from refseg_jax import visualize
-from refseg_jax.data import ref_shapes  # pylint: disable=unused-import
+from refseg_jax.data.ref_shapes import builder as ref_shapes  # pylint: disable=unused-import
 
 def panels(examples, num: int):
   """(overlay, sentence) for the first `num` expressions of `examples`."""

@@ -43,7 +43,7 @@ from PIL import Image
 import tensorflow_datasets as tfds
 
 from refseg_jax.data import features as features_lib
-from refseg_jax.data import refer_files
+from refseg_jax.data.refcoco import refer_files
 
 IMAGE_DIR = 'images/mscoco/images/train2014'
 

@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
-from refseg_jax.data import shapes_language as lang
+from refseg_jax.data.ref_shapes import language as lang
 
 RGB = {
     'red': (215, 35, 35), 'orange': (245, 135, 20), 'yellow': (240, 215, 30),

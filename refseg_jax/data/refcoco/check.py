@@ -1,6 +1,6 @@
 """Compares a built RefCOCO-family dataset with the published split sizes.
 
-    python -m refseg_jax.data.check_refcoco --dataset=refcoco/refcoco_unc \\
+    python -m refseg_jax.data.refcoco.check --dataset=refcoco/refcoco_unc \\
         [--data_dir=DIR]
 
 Counts, per split, the refs, the images and the expressions of the built
@@ -19,7 +19,7 @@ from absl import app
 from absl import flags
 import tensorflow_datasets as tfds
 
-from refseg_jax.data import refcoco  # pylint: disable=unused-import
+from refseg_jax.data.refcoco import builder as refcoco  # pylint: disable=unused-import
 
 
 class Counts(NamedTuple):

@@ -1,7 +1,7 @@
 """`ref_shapes`: the built-in referring-segmentation benchmark (TFDS).
 
 Procedural scenes of 2-6 coloured shapes with RefCOCO-style expressions
-(attribute, absolute location, relation; see `shapes_language`), in the
+(attribute, absolute location, relation; see `language.py`), in the
 schema of `refseg_jax.data.features`. Nothing is downloaded; the same
 version and config give byte-identical TFRecords.
 
@@ -27,8 +27,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from refseg_jax.data import features as features_lib
-from refseg_jax.data import shapes_language as lang
-from refseg_jax.data import shapes_scene
+from refseg_jax.data.ref_shapes import language as lang
+from refseg_jax.data.ref_shapes import scene as shapes_scene
 
 SPLITS = ('train', 'validation', 'test', 'test_novel')
 # (colour, shape) pairs held out of train; each colour and shape still
@@ -39,7 +39,7 @@ NOVEL_PAIRS = frozenset({('red', 'star'), ('orange', 'hexagon'),
                          ('cyan', 'hexagon'), ('brown', 'circle')})
 # Spatial words are only used when the answer is clear by this margin.
 SPATIAL_MARGIN = 0.06
-VOCAB_FILE = 'ref_shapes_vocab.txt'
+VOCAB_FILE = 'vocab.txt'
 _SPECIAL_TOKENS = ('[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]')
 # Keeps ids disjoint across splits and sentence ids within int32.
 _IMAGE_ID_BASE = {split: i * 1_000_000 for i, split in enumerate(SPLITS)}
@@ -64,7 +64,7 @@ def wordpiece_vocab() -> list[str]:
 
 def vocab_path() -> str:
   """Path of the shipped `vocab.txt`, loadable by `BertTokenizerFast`."""
-  return str(importlib.resources.files('refseg_jax.data') / VOCAB_FILE)
+  return str(importlib.resources.files(__package__) / VOCAB_FILE)
 
 
 def _is_novel(obj: lang.SceneObject) -> bool:
