@@ -185,3 +185,12 @@ def test_paper_variants_are_the_paper_scale_models():
   # pooler) + the PKS heads; ViT-S/16 (21.7 M) + BERT-base + the slots.
   assert 150e6 < count(pks_paper) < 165e6
   assert 130e6 < count(sag_paper) < 150e6
+
+
+def test_an_unknown_task_is_an_error_listing_the_known_ones():
+  config = config_lib.load(str(REPO / 'configs' / 'full.py'))
+  with config.unlocked():
+    config.task = 'pks_mixed'
+  with pytest.raises(ValueError, match=r"'pks_mixed'.*'pks_click', "
+                     r"'pks_full', 'sag_text'"):
+    tasks.build(config, 43)
