@@ -10,9 +10,10 @@ the box the corner clicks span, and the centre click as a positive point
 Default (`data=ref_shapes,model=tiny`): the built-in 128 px benchmark with a
 tiny ResNet + BERT, 2,050 steps of 32 expressions (16 images), exact clicks;
 the mask losses reach the shared trunk at a tenth of their gradient.
-Measured on a 2-core CPU (dataset built): 572 s with a validation every 325
-steps, validation mIoU 68.3 (0.95 of `configs/full.py`), PointM 81.2;
-with `--config.data.click_noise=0.05`, 51.1 (docs/results.md).
+Measured on a 2-core CPU (2026-12-03, seed 0): validation mIoU 62.1,
+PointM 77.2 (68.3 and 81.2 with the earlier decay rule, which also
+decayed BERT's position embeddings; docs/results.md);
+with `--config.data.click_noise=0.05`, 51.1 (earlier code).
 
 Variants, big_vision style, after a colon:
 

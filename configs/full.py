@@ -4,9 +4,10 @@ r"""PKS with full (mask) supervision.
 
 Default (`data=ref_shapes,model=tiny`): the built-in 128 px benchmark with a
 tiny ResNet + BERT, 2,050 steps of 32 expressions (16 images, 2 expressions
-each), final evaluation on validation and test. Measured on a 2-core CPU:
-9 min 26 s and 9 min 31 s in two fresh-machine runs (2.6 min installing
-and building the dataset), and validation mIoU 71.7, PointM 83.4
+each), final evaluation on validation and test. Measured on a 2-core CPU
+(2026-12-03, seed 0): validation mIoU 69.3, PointM 79.8, in 11 min 57 s
+end to end from a fresh clone (installing and building the dataset
+included); the figure moves by a few points with the seed
 (docs/results.md has every figure and its command).
 
 Variants, big_vision style, after a colon:

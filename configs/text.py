@@ -15,9 +15,9 @@ the slot decoder reconstructs patch pixels, the expression vector is the
 mean of BERT's token states, and the expression gathers slots by slot
 matching, leaving out slots that cover over 20 % of the image
 (docs/results.md compares these with the official ViT features, [CLS] and
-fusion layer). Measured on a 2-core CPU: validation mIoU 30.6, PointM 41.4
-(0.43 of `configs/full.py`), in 972 s with a validation every 325 steps
-(`python -m refseg_jax.benchmarks.supervision`, text mode).
+fusion layer). Measured on a 2-core CPU (2026-12-03, seed 0): validation mIoU 30.3,
+PointM 40.8 (before the reorganisation: 30.6, 41.4, in 972 s with a
+validation every 325 steps; docs/results.md).
 
 Variants, big_vision style, after a colon:
 
