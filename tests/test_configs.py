@@ -111,10 +111,11 @@ def _abstract_batch(config: ml_collections.ConfigDict, supervision: str,
                     train_batch: bool) -> dict[str, jax.ShapeDtypeStruct]:
   """The shapes of a global batch (`refseg_jax.data.pipeline` module doc)."""
   size, length = config.data.image_size, config.data.max_text_len
-  texts = config.batch_size if train_batch else config.eval.batch_size
-  images = texts // max(config.data.expressions_per_image, 1)
-  if not train_batch:
-    images = texts  # Evaluation batches are not grouped.
+  if train_batch:  # Grouped by image, k expressions each.
+    texts = config.batch_size
+    images = texts // max(config.data.expressions_per_image, 1)
+  else:  # Evaluation batches are not grouped.
+    texts = images = config.eval.batch_size
   shapes = {'image': ((images, size, size, 3), jnp.uint8),
             'text_tokens': ((texts, length), jnp.int32),
             'text_mask': ((texts, length), jnp.int32)}
