@@ -54,7 +54,7 @@ def get_config(arg=None):
       colour_threshold=0.3,       # L*a*b* similarity a pair needs.
       # BoxInst ramps the pairwise term in over 10,000 of ~90,000
       # iterations: at paper scale that; on ref_shapes a ninth of the run
-      # as it was when this was set (1,300 steps; now 2,050).
+      # as it was when this was set (1,300 steps; now 2,400).
       pairwise_warmup_steps=150 if args.model == 'tiny' else 10_000)
   config.lock()
   return config

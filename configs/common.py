@@ -102,7 +102,12 @@ def training(data: str) -> ml_collections.ConfigDict:
       text=config_dict.placeholder(str)))
 
   config.batch_size = 32            # Expressions, over all hosts and devices.
-  config.total_steps = 2_050
+  # ref_shapes is far from converged in the README's 10-minute budget (the
+  # loss still falls at the end), so the default takes as many steps as fit
+  # in it on 2 CPU cores with the final evaluation (2,600 took 10.5 min);
+  # 2,050 steps left the full default at 69-70 validation mIoU, seed to
+  # seed (docs/results.md).
+  config.total_steps = 2_400
   # `refseg_jax.optimizer.make`'s arguments.
   config.optimizer = ml_collections.ConfigDict(dict(
       learning_rate=2e-3, weight_decay=1e-4, b1=0.9, b2=0.999,
@@ -110,6 +115,11 @@ def training(data: str) -> ml_collections.ConfigDict:
       # Learning-rate multipliers of top-level modules (pretrained encoders
       # usually train slower); unlisted modules train at 1x.
       lr_multipliers=dict(backbone=1.0, text=1.0)))
+  # Decay of the params' exponential moving average, which evaluation and
+  # the best checkpoint then use; 0 = evaluate the params themselves. Off
+  # by default: after the cosine decay to 1 % it changed nothing (full,
+  # seed 2, 2,600 steps, 0.999: validation mIoU 72.42 vs 72.37 raw).
+  config.ema_decay = 0.0
 
   # Devices as [(axis, size)], -1 = the rest; batches split over every axis,
   # parameters >= fsdp_min_size elements sharded over `fsdp_axis`.
@@ -127,7 +137,7 @@ def training(data: str) -> ml_collections.ConfigDict:
       # (~11 s) only when asked for, as the supervision benchmark does:
       # --config.eval.final_splits=validation,test,test_novel.
       final_splits=('validation', 'test'),
-      every_steps=2_050, batch_size=64, num_overlays=8,
+      every_steps=config.total_steps, batch_size=64, num_overlays=8,
       best_split='validation'))         # Its mIoU picks the best checkpoint.
   if data in REFER_FINAL_SPLITS:
     config.eval.update(splits=('val',), final_splits=REFER_FINAL_SPLITS[data],

@@ -85,7 +85,8 @@ def get_config(arg=None):
       # negatives (the official code counts them as negatives).
       mask_same_image=True,
       # The loss is scaled by min(step / warmup_steps, 1): the official
-      # 5,000 iterations are ~3 % of its run; the same share of 2,050.
+      # 5,000 iterations are ~3 % of its run; the same share of 2,050
+      # steps, the run's length when this was set (2,400 now).
       warmup_steps=60)
   # From scratch, 2e-3 (the PKS default) left C^3 at chance (log B) for
   # the whole run; at 5e-4 it learns (docs/results.md).

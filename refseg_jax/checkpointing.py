@@ -70,10 +70,9 @@ def save_state(manager: ocp.CheckpointManager, step: int, state: Any) -> None:
 
 def save_best(manager: ocp.CheckpointManager, step: int, state: Any,
               metrics: Mapping[str, float]) -> None:
-  """Keeps the params and batch statistics if `metrics['mIoU']` is the best
-  so far."""
-  manager.save(step, args=ocp.args.StandardSave(
-      {'params': state.params, 'batch_stats': state.batch_stats}),
+  """Keeps the evaluated variables (params, or their average, and batch
+  statistics) if `metrics['mIoU']` is the best so far."""
+  manager.save(step, args=ocp.args.StandardSave(state.eval_variables()),
                metrics=dict(metrics))
 
 

@@ -1,7 +1,8 @@
 """The JSON files a run writes into its workdir.
 
     config.json         the config the run used
-    results.json        final evaluation, {split: {metric: value}, "step": N}
+    results.json        final evaluation, {split: {metric: value}, "step": N,
+                        "provenance": `provenance(config)`}
     eval_history.json   every evaluation, [{"step", "split", metric: value}]
 
 Written whole and atomically (a temporary file renamed into place), through
@@ -11,10 +12,24 @@ file.
 
 from __future__ import annotations
 
+import hashlib
+import importlib.metadata
 import json
+import pathlib
+import platform
+import subprocess
 from typing import Any, Mapping
 
 from etils import epath
+import jax
+import ml_collections
+
+# The packages whose versions a result records: {name: its distributions,
+# the first installed one counts} (setup.py installs TensorFlow's CPU build).
+VERSIONED_PACKAGES = {
+    'jax': ('jax',), 'jaxlib': ('jaxlib',), 'flax': ('flax',),
+    'optax': ('optax',), 'orbax-checkpoint': ('orbax-checkpoint',),
+    'tensorflow': ('tensorflow-cpu', 'tensorflow'), 'numpy': ('numpy',)}
 
 
 def write_json(path: epath.Path, value: Any) -> None:
@@ -29,3 +44,65 @@ def append_history(path: epath.Path, entry: Mapping[str, Any]) -> None:
   cannot be appended to)."""
   history = json.loads(path.read_text()) if path.exists() else []
   write_json(path, history + [dict(entry)])
+
+
+def config_hash(config: ml_collections.ConfigDict) -> str:
+  """sha256 of the config as sorted, compact JSON (`config.json`'s content,
+  whatever its formatting)."""
+  text = json.dumps(config.to_dict(), sort_keys=True, separators=(',', ':'),
+                    default=str)
+  return hashlib.sha256(text.encode()).hexdigest()
+
+
+def cpu_model() -> str:
+  """The CPU's model name (Linux's /proc/cpuinfo; else `platform`'s)."""
+  cpuinfo = pathlib.Path('/proc/cpuinfo')
+  if cpuinfo.exists():
+    for line in cpuinfo.read_text().splitlines():
+      if line.startswith('model name'):
+        return line.split(':', 1)[1].strip()
+  return platform.processor() or platform.machine()
+
+
+def git_commit() -> str | None:
+  """The commit of this source tree, '+dirty' if it has uncommitted changes;
+  None outside a git checkout (an installed wheel)."""
+  source = pathlib.Path(__file__).parent
+  try:
+    commit = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=source,
+                            capture_output=True, text=True, check=True,
+                            timeout=10).stdout.strip()
+    dirty = subprocess.run(['git', 'status', '--porcelain', '--', '.'],
+                           cwd=source, capture_output=True, text=True,
+                           check=True, timeout=10).stdout.strip()
+  except (OSError, subprocess.SubprocessError):
+    return None
+  return commit + ('+dirty' if dirty else '')
+
+
+def installed_version(distributions: tuple[str, ...]) -> str | None:
+  """The version of the first of `distributions` installed, else None."""
+  for name in distributions:
+    try:
+      return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+      continue
+  return None
+
+
+def provenance(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """What produced a result: seed, config hash, code, versions, hardware."""
+  device = jax.devices()[0]
+  return {
+      'seed': config.seed,
+      'config_sha256': config_hash(config),
+      'git_commit': git_commit(),
+      'versions': {'python': platform.python_version(), **{
+          name: installed_version(distributions)
+          for name, distributions in VERSIONED_PACKAGES.items()}},
+      'platform': device.platform,
+      'device_kind': device.device_kind,
+      'device_count': jax.device_count(),
+      'process_count': jax.process_count(),
+      'cpu_model': cpu_model(),
+  }

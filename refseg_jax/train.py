@@ -254,7 +254,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
         scores = _evaluate(evaluator, state, step, splits, writer, workdir,
                            best, config.eval.best_split)
         if is_last and jax.process_index() == 0:
-          results.write_json(workdir / 'results.json', {**scores, 'step': step})
+          results.write_json(workdir / 'results.json', {
+              **scores, 'step': step,
+              'provenance': results.provenance(config)})
         window.restart()  # Evaluation is not train time.
 
       if is_last or step % config.checkpoint_every_steps == 0:

@@ -475,7 +475,7 @@ def test_click_config_trains_and_evaluates_end_to_end(data_dir, tmp_path):
   with _fast_compile():
     train.train_and_evaluate(config, str(tmp_path / 'work'))
   results = json.loads((tmp_path / 'work' / 'results.json').read_text())
-  assert set(results) == {'val', 'testA', 'testB', 'step'}
+  assert set(results) == {'val', 'testA', 'testB', 'step', 'provenance'}
   assert results['testB']['num_expressions'] == 3 + 1  # Refs 1401 and 1501.
 
 

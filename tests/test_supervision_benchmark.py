@@ -4,7 +4,9 @@ import json
 
 import numpy as np
 from PIL import Image
+import pytest
 
+from refseg_jax import config_lib
 from refseg_jax.benchmarks import supervision
 
 
@@ -13,24 +15,50 @@ def _results(miou: float) -> dict:
   return {split: dict(values, mIoU=miou) for split in supervision.SPLITS}
 
 
+def _entry(*mious: float) -> dict:
+  """A mode's summary entry over len(mious) seeds."""
+  results = [_results(m) for m in mious]
+  return {'seeds': list(range(len(mious))),
+          'aggregate': supervision.aggregate(results),
+          'runs': [{'results': r, 'validation_curve': []} for r in results]}
+
+
+def test_spread_over_seeds_and_ratio_propagation():
+  stats = supervision.spread([0.70, 0.72, 0.74])
+  assert stats['mean'] == pytest.approx(0.72)
+  assert stats['std'] == pytest.approx(0.02)  # Sample std (n - 1).
+  assert (stats['min'], stats['n']) == (0.70, 3)
+  assert supervision.spread([0.5]) == {'mean': 0.5, 'std': 0.0, 'min': 0.5,
+                                       'n': 1}
+  # 0.6 +- 0.03 over 0.8 +- 0.04: 0.75, relative spreads 5 % and 5 %.
+  r, s = supervision.ratio({'mean': 0.6, 'std': 0.03},
+                           {'mean': 0.8, 'std': 0.04})
+  assert r == pytest.approx(0.75)
+  assert s == pytest.approx(0.75 * 0.05 * 2 ** 0.5)
+  assert supervision.ratio({'mean': 0.6, 'std': 0.0},
+                           {'mean': 0.0, 'std': 0.0}) is None
+
+
 def test_table_rows_and_ratios_to_full():
-  summary = {'full': {'results': _results(0.8)},
-             'click': {'results': _results(0.6)},
-             'text': {'results': _results(0.0)}}
+  summary = {'full': _entry(0.78, 0.80, 0.82),
+             'click': _entry(0.6, 0.6, 0.6),
+             'text': _entry(0.0, 0.0, 0.0)}
   lines = supervision.table(summary).splitlines()
-  assert lines[2] == '| full | validation | 80.00 | 50.00 | 50.00 | 50.00 | 50.00 | 50.00 |'
+  assert lines[2] == ('| full | 0,1,2 | validation | 80.00 ± 2.00 (78.00) | '
+                      + ' | '.join(['50.00 ± 0.00 (50.00)'] * 5) + ' |')
   assert len([l for l in lines if '| validation |' in l]) == 3
-  assert lines[-3:] == ['| full | 1.000 | 1.000 | 1.000 |',
-                        '| click | 0.750 | 0.750 | 0.750 |',
-                        '| text | 0.000 | 0.000 | 0.000 |']
+  assert lines[-3:] == ['| full | 1.000 ± 0.035 | 1.000 ± 0.035 | 1.000 ± 0.035 |',
+                        '| click | 0.750 ± 0.019 | 0.750 ± 0.019 | 0.750 ± 0.019 |',
+                        '| text | 0.000 ± 0.000 | 0.000 ± 0.000 | 0.000 ± 0.000 |']
   # No ratio to a zero full mIoU.
-  summary['full']['results'] = _results(0.0)
+  summary['full'] = _entry(0.0)
   assert supervision.table(summary).splitlines()[-1] == '| text | n/a | n/a | n/a |'
 
 
 def test_modes_share_data_steps_and_seed_pks_modes_also_the_model():
-  configs = {mode: supervision.mode_config(mode, '', '/data', 100, 50, 0.05)
-             .to_dict() for mode in supervision.MODES}
+  configs = {mode: supervision.mode_config(mode, '', '/data', 100, 50, 0.05,
+                                          seed=4).to_dict()
+             for mode in supervision.MODES}
   without_noise = lambda data: {k: v for k, v in data.items()
                                 if k != 'click_noise'}
   for mode, config in configs.items():
@@ -53,33 +81,48 @@ def test_modes_share_data_steps_and_seed_pks_modes_also_the_model():
               ('sag_text', 0.0)]
   assert configs['full']['eval']['every_steps'] == 50
   assert configs['full']['total_steps'] == 100
+  assert configs['full']['seed'] == 4
+  # Without mid-run evaluations a mode is its config's own run.
+  default = config_lib.load(str(supervision.CONFIGS / 'full.py'))
+  default.eval.final_splits = supervision.SPLITS
+  assert (supervision.mode_config('full', '', None, None, 0, 0.05).to_dict()
+          == default.to_dict())
 
 
 def test_benchmark_run_writes_table_json_and_plot(tiny_data_dir, tmp_path):
-  # One mode keeps this smoke run short (the suite's budget); the test above
-  # checks that the modes share their settings.
+  # One mode and one seed keep this smoke run short (the suite's budget);
+  # the tests above check that the modes share their settings and how the
+  # seeds are aggregated.
   summary = supervision.run(
       ['click_noise'], str(tmp_path), 'data=ref_shapes_tiny',
-      data_dir=tiny_data_dir, total_steps=2, eval_every=2, click_noise=0.05)
+      data_dir=tiny_data_dir, total_steps=2, eval_every=1, click_noise=0.05,
+      seeds=[3])
 
   assert json.loads((tmp_path / 'supervision.json').read_text()) == summary
-  assert [(e['task'], e['click_noise']) for e in summary.values()] == [
-      ('pks_click', 0.05)]
-  for entry in summary.values():
-    assert set(entry['results']) == set(supervision.SPLITS)
-    for values in entry['results'].values():
-      assert all(0 <= values[c] <= 1 for c in supervision.COLUMNS)
-    # The curve's one point is the final evaluation.
-    assert entry['validation_curve'] == [{
-        'step': 2, 'mIoU': entry['results']['validation']['mIoU'],
-        'PointM': entry['results']['validation']['PointM']}]
-    assert entry['wall_s'] > 0
+  assert [(e['task'], e['click_noise'], e['seeds'])
+          for e in summary.values()] == [('pks_click', 0.05, [3])]
+  (run,) = summary['click_noise']['runs']
+  assert run['seed'] == run['provenance']['seed'] == 3
+  assert (tmp_path / 'click_noise' / 'seed3' / 'results.json').exists()
+  assert set(run['results']) == set(supervision.SPLITS)
+  for split, values in run['results'].items():
+    assert all(0 <= values[c] <= 1 for c in supervision.COLUMNS)
+    assert summary['click_noise']['aggregate'][split]['mIoU'] == {
+        'mean': values['mIoU'], 'std': 0.0, 'min': values['mIoU'], 'n': 1}
+  # The curve: steps 1 and 2, the last the final evaluation.
+  assert [c['step'] for c in run['validation_curve']] == [1, 2]
+  assert run['validation_curve'][-1] == {
+      'step': 2, 'mIoU': run['results']['validation']['mIoU'],
+      'PointM': run['results']['validation']['PointM']}
+  assert run['wall_s'] > 0
   assert (tmp_path / 'supervision.md').read_text() == supervision.table(
       summary)
+  # Final scores and the curves: two rows of two panels.
   picture = np.asarray(Image.open(tmp_path / 'supervision.png'))
-  assert picture.shape[:2] == (400, 1000) and picture.std() > 0
-  # A second run reads the finished modes instead of training them again.
+  assert picture.shape[:2] == (800, 1000) and picture.std() > 0
+  # A second run reads the finished runs instead of training them again.
   assert supervision.run(['click_noise'], str(tmp_path),
                          'data=ref_shapes_tiny', data_dir=tiny_data_dir,
-                         total_steps=2, eval_every=2)['click_noise'] == (
-                             summary['click_noise'])
+                         total_steps=2, eval_every=1, seeds=[3]) == summary
+  with pytest.raises(ValueError, match='seeds is empty'):
+    supervision.run(['full'], str(tmp_path), seeds=[])

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 
+import flax
 import jax
 import ml_collections
 import numpy as np
@@ -21,6 +22,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from refseg_jax import config_lib
+from refseg_jax import results as results_lib
 from refseg_jax import sharding
 from refseg_jax import tasks
 from refseg_jax import train
@@ -131,6 +133,36 @@ def test_meshes_match_one_device(train_config, train_batches, one_device_run,
     assert kernel.addressable_shards[0].data.size == kernel.size // 2
 
 
+def test_ema_averages_the_params_without_changing_training(
+    train_config, train_batches, one_device_run):
+  """The average follows `min(decay, (1 + t) / (10 + t))` from the initial
+  params, the training itself is unchanged, and evaluation uses it."""
+  config = train_config.copy_and_resolve_references()
+  config.ema_decay = 0.15  # Below the ramp from step 1 on: both rules act.
+  mesh = sharding.make_mesh([('data', 1)], jax.devices()[:1])
+  task = tasks.build(config, 43)
+  state, shardings = train_state.create(config, task, mesh)
+  step = train.make_train_step(config, task, mesh, shardings)
+  expected = jax.device_get(state.params)
+  for t, batch in enumerate(train_batches):
+    state, _ = step(state, sharding.global_batch(
+        batch, sharding.batch_sharding(mesh)))
+    decay = min(0.15, (1 + t) / (10 + t))  # 0.1, then 0.15, 0.15.
+    expected = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p,
+                            expected, jax.device_get(state.params))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5,
+                                                       atol=1e-7),
+               jax.device_get(state.ema_params), expected)
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params),
+               one_device_run[1])
+  assert state.eval_variables()['params'] is state.ema_params
+  assert (state.replace(ema_params=None).eval_variables()['params']
+          is state.params)
+  with pytest.raises(ValueError, match='ema_decay must be in'):
+    config.ema_decay = 1.0
+    train_state.shapes_and_shardings(config, task, mesh)
+
+
 def _free_port() -> str:
   with socket.socket() as s:
     s.bind(('127.0.0.1', 0))
@@ -216,7 +248,20 @@ def uninterrupted_run(train_config, tmp_path_factory):
 def test_run_writes_results_overlays_and_best(uninterrupted_run):
   results = json.loads((uninterrupted_run / 'results.json').read_text())
   assert results['step'] == 8
-  assert set(results) == {'validation', 'step'}
+  assert set(results) == {'validation', 'step', 'provenance'}
+  # What produced it: the seed, the config (as config.json holds it), the
+  # code and library versions, the hardware.
+  config = ml_collections.ConfigDict(
+      json.loads((uninterrupted_run / 'config.json').read_text()))
+  provenance = results['provenance']
+  assert provenance['seed'] == config.seed == 0
+  assert provenance['config_sha256'] == results_lib.config_hash(config)
+  assert provenance['versions']['jax'] == jax.__version__
+  assert provenance['versions']['flax'] == flax.__version__
+  assert set(provenance['versions']) >= {'jaxlib', 'optax', 'numpy'}
+  assert provenance['device_kind'] == jax.devices()[0].device_kind
+  assert provenance['cpu_model'] == results_lib.cpu_model() != ''
+  assert 'git_commit' in provenance
   validation = results['validation']
   assert validation['num_expressions'] == 160  # Every tiny expression.
   for key in ('mIoU', 'oIoU', 'prec@0.5', 'prec@0.9', 'PointM'):

@@ -81,8 +81,8 @@ def make_score_step(task: sag_text.SaGText, mesh: jax.sharding.Mesh,
 
   def step_fn(state, batch):
     outputs, state_ = task.model.apply(
-        {'params': state.params, 'batch_stats': state.batch_stats},
-        batch['image'], batch['text_tokens'], batch['text_mask'], train=False,
+        state.eval_variables(), batch['image'], batch['text_tokens'],
+        batch['text_mask'], train=False,
         rngs=task.eval_rngs(), capture_intermediates=capture,
         mutable=['intermediates'])
     _, slot_attention = state_['intermediates']['entities']['__call__'][0]

@@ -1,22 +1,32 @@
-r"""Supervision benchmark: one PKS model trained under each supervision.
+r"""Supervision benchmark: one PKS model trained under each supervision,
+over several seeds.
 
     python -m refseg_jax.benchmarks.supervision --workdir=/tmp/supervision
 
 trains `full`, `click` (exact clicks) and `click_noise` (clicks jittered by
 `--click_noise` of the box size) with the same PKS model, and `text`
-(Shatter and Gather), all with the same data, steps, batch and seed, one
-after another (each in `WORKDIR/<mode>`, resumable: a finished mode is not
-trained again), then writes
+(Shatter and Gather), all with the same data, steps and batch, once per
+seed of `--seeds` (default 0,1,2), one after another (each in
+`WORKDIR/<mode>/seed<k>`, resumable: a finished run is not trained again),
+then writes
 
-    WORKDIR/supervision.json   per mode: settings, wall time, final metrics
-                               of every split, validation history
+    WORKDIR/supervision.json   per mode: settings; per seed: wall time,
+                               final metrics of every split, validation
+                               history; over the seeds: mean, std, min
     WORKDIR/supervision.md     the table below, and each mode's mIoU as a
                                fraction of full supervision's
-    WORKDIR/supervision.png    validation mIoU and PointM over the steps
+    WORKDIR/supervision.png    final validation mIoU and PointM per mode
+                               (mean, std, each seed); with --eval_every,
+                               also the curves over the steps
 
 and prints the table: mIoU, oIoU, prec@0.5/0.7/0.9 and PointM (percent) on
-`validation`, `test` and `test_novel`. `--config=data=ref_shapes_tiny` and
-`--total_steps` make a smoke run.
+`validation`, `test` and `test_novel`, each as mean ± std (the sample
+standard deviation, n - 1) and the minimum over the seeds; the ratios to
+full supervision are ratios of the means, with their spread propagated to
+first order. Without `--eval_every` a run evaluates only at its end, so the
+`full` mode is exactly the README's default run (plus `test_novel`).
+`--config=data=ref_shapes_tiny`, `--total_steps` and `--seeds=0` make a
+smoke run.
 """
 
 from __future__ import annotations
@@ -31,6 +41,7 @@ from absl import logging
 from etils import epath
 import matplotlib
 import ml_collections
+import numpy as np
 
 from refseg_jax import config_lib
 from refseg_jax import train
@@ -49,21 +60,23 @@ SPLITS = ('validation', 'test', 'test_novel')
 
 def mode_config(mode: str, arg: str, data_dir: str | None,
                 total_steps: int | None, eval_every: int,
-                click_noise: float) -> ml_collections.ConfigDict:
-  """The training config of one benchmark mode.
+                click_noise: float, seed: int = 0
+                ) -> ml_collections.ConfigDict:
+  """The training config of one benchmark mode and seed.
 
   The PKS modes (full, click, click_noise) differ only in the supervision
   and the click noise; text trains Shatter and Gather, with the same data,
-  steps, batch and seed.
+  steps, batch and seed. `eval_every` 0 evaluates at the end only.
   """
   if mode not in MODES:
     raise ValueError(f'Unknown mode {mode!r}; known: {list(MODES)}.')
   config_file, noisy = MODES[mode]
   config = config_lib.load(f'{CONFIGS / config_file}:{arg}')
+  config.seed = seed
   config.data.data_dir = data_dir
   if total_steps:
     config.total_steps = total_steps
-  config.eval.every_steps = eval_every
+  config.eval.every_steps = eval_every or config.total_steps
   config.eval.final_splits = SPLITS
   config.data.click_noise = click_noise if noisy else 0.0
   return config
@@ -78,85 +91,164 @@ def validation_curve(history: Sequence[Mapping[str, Any]]
            'PointM': by_step[s]['PointM']} for s in sorted(by_step)]
 
 
+def spread(values: Sequence[float]) -> dict[str, float]:
+  """{mean, std, min, n} of one metric over the seeds; std is the sample
+  standard deviation (n - 1), 0 for a single seed."""
+  values = np.asarray(values, np.float64)
+  return {'mean': float(values.mean()),
+          'std': float(values.std(ddof=1)) if len(values) > 1 else 0.0,
+          'min': float(values.min()), 'n': len(values)}
+
+
+def aggregate(results: Sequence[Mapping[str, Mapping[str, float]]]
+              ) -> dict[str, dict[str, dict[str, float]]]:
+  """{split: {metric: spread}} over the seeds' final results."""
+  return {split: {metric: spread([r[split][metric] for r in results])
+                  for metric in results[0][split]}
+          for split in SPLITS}
+
+
+def ratio(numerator: Mapping[str, float], denominator: Mapping[str, float]
+          ) -> tuple[float, float] | None:
+  """(mean_a / mean_b, its std to first order), None if mean_b is 0.
+
+  The relative variances add: (s_r / r)^2 = (s_a / a)^2 + (s_b / b)^2.
+  """
+  a, b = numerator['mean'], denominator['mean']
+  if not b:
+    return None
+  relative = np.hypot(numerator['std'] / a if a else 0.0,
+                      denominator['std'] / b)
+  return a / b, abs(a / b) * float(relative)
+
+
 def table(summary: Mapping[str, Mapping[str, Any]]) -> str:
-  """Markdown: one row per (mode, split), `COLUMNS` in percent; then each
-  mode's mIoU as a fraction of full supervision's."""
-  lines = ['| mode | split | ' + ' | '.join(COLUMNS) + ' |',
-           '|---|---|' + '---|' * len(COLUMNS)]
+  """Markdown: one row per (mode, split), `COLUMNS` in percent as mean ±
+  std (min); then each mode's mIoU as a fraction of full supervision's."""
+  cell = lambda v: (f'{100 * v["mean"]:.2f} ± {100 * v["std"]:.2f} '
+                    f'({100 * v["min"]:.2f})')
+  lines = ['| mode | seeds | split | ' + ' | '.join(COLUMNS) + ' |',
+           '|---|---|---|' + '---|' * len(COLUMNS)]
   for mode, entry in summary.items():
+    seeds = ','.join(str(s) for s in entry['seeds'])
     for split in SPLITS:
-      values = entry['results'][split]
-      lines.append(f'| {mode} | {split} | ' + ' | '.join(
-          f'{100 * values[c]:.2f}' for c in COLUMNS) + ' |')
+      values = entry['aggregate'][split]
+      lines.append(f'| {mode} | {seeds} | {split} | ' + ' | '.join(
+          cell(values[c]) for c in COLUMNS) + ' |')
   if 'full' in summary:
     lines += ['', '| mode | ' + ' | '.join(
         f'{s} mIoU / full' for s in SPLITS) + ' |',
               '|---|' + '---|' * len(SPLITS)]
-    full = summary['full']['results']
-    ratio = lambda a, b: f'{a / b:.3f}' if b else 'n/a'
+    full = summary['full']['aggregate']
     for mode, entry in summary.items():
+      ratios = [ratio(entry['aggregate'][s]['mIoU'], full[s]['mIoU'])
+                for s in SPLITS]
       lines.append(f'| {mode} | ' + ' | '.join(
-          ratio(entry['results'][s]['mIoU'], full[s]['mIoU'])
-          for s in SPLITS) + ' |')
+          'n/a' if r is None else f'{r[0]:.3f} ± {r[1]:.3f}'
+          for r in ratios) + ' |')
   return '\n'.join(lines) + '\n'
 
 
 def plot(summary: Mapping[str, Mapping[str, Any]], path: epath.Path) -> None:
-  """Validation mIoU and PointM over the steps, one line per mode."""
-  figure, axes = plt.subplots(1, 2, figsize=(10, 4))
-  for metric, ax in zip(('mIoU', 'PointM'), axes):
-    for mode, entry in summary.items():
-      curve = entry['validation_curve']
-      ax.plot([c['step'] for c in curve], [100 * c[metric] for c in curve],
-              marker='o', label=mode)
-    ax.set_xlabel('step')
+  """Final validation mIoU and PointM per mode (bar: mean, whisker: std,
+  dots: the seeds); with mid-run evaluations, the curves (mean ± std)."""
+  has_curves = any(len(run['validation_curve']) > 1
+                   for entry in summary.values() for run in entry['runs'])
+  rows = 2 if has_curves else 1
+  figure, axes = plt.subplots(rows, 2, figsize=(10, 4 * rows), squeeze=False)
+  modes = list(summary)
+  for metric, ax in zip(('mIoU', 'PointM'), axes[0]):
+    for i, mode in enumerate(modes):
+      stats = summary[mode]['aggregate']['validation'][metric]
+      ax.bar(i, 100 * stats['mean'], yerr=100 * stats['std'], capsize=6,
+             color=f'C{i}', alpha=0.6)
+      seeds = [100 * run['results']['validation'][metric]
+               for run in summary[mode]['runs']]
+      ax.plot([i] * len(seeds), seeds, 'k.', markersize=8)
+    ax.set_xticks(range(len(modes)), modes)
     ax.set_ylabel(f'validation {metric} (%)')
-    ax.grid(alpha=0.3)
-    ax.legend()
+    ax.set_title(f'final {metric}: mean ± std, dots = seeds')
+    ax.grid(alpha=0.3, axis='y')
+  if has_curves:
+    for metric, ax in zip(('mIoU', 'PointM'), axes[1]):
+      for i, (mode, entry) in enumerate(summary.items()):
+        curves = [run['validation_curve'] for run in entry['runs']]
+        length = min(len(c) for c in curves)
+        steps = [c['step'] for c in curves[0][:length]]
+        values = 100 * np.array([[c[metric] for c in curve[:length]]
+                                 for curve in curves])
+        mean = values.mean(0)
+        std = values.std(0, ddof=min(1, len(curves) - 1))
+        ax.plot(steps, mean, marker='o', color=f'C{i}', label=mode)
+        ax.fill_between(steps, mean - std, mean + std, color=f'C{i}',
+                        alpha=0.2)
+      ax.set_xlabel('step')
+      ax.set_ylabel(f'validation {metric} (%)')
+      ax.grid(alpha=0.3)
+      ax.legend()
   figure.tight_layout()
   with path.open('wb') as f:
     figure.savefig(f, format='png', dpi=100)
   plt.close(figure)
 
 
+def train_once(config: ml_collections.ConfigDict, workdir: epath.Path
+               ) -> dict[str, Any]:
+  """Trains one mode and seed unless done before; its results and wall time.
+  """
+  wall_file = workdir / 'wall_s.json'
+  if not wall_file.exists():  # Not trained to the end by an earlier run.
+    start = time.perf_counter()
+    train.train_and_evaluate(config, str(workdir))
+    if not (workdir / 'results.json').exists():
+      raise RuntimeError(f'{workdir} stopped before its last step '
+                         '(preempted?); run the benchmark again to resume.')
+    wall_file.write_text(json.dumps(round(time.perf_counter() - start, 1)))
+  results = json.loads((workdir / 'results.json').read_text())
+  history = json.loads((workdir / 'eval_history.json').read_text())
+  return {
+      'seed': config.seed,
+      # Wall time of the invocation that trained it (data build, compile,
+      # training and evaluations; resumed parts not included).
+      'wall_s': json.loads(wall_file.read_text()),
+      'results': {s: results[s] for s in SPLITS},
+      'provenance': results['provenance'],
+      'validation_curve': validation_curve(history),
+  }
+
+
 def run(modes: Sequence[str], workdir: str, arg: str = '',
         data_dir: str | None = None, total_steps: int | None = None,
-        eval_every: int = 325, click_noise: float = 0.05
-        ) -> dict[str, dict[str, Any]]:
-  """Trains every mode (unless already trained) and writes the reports.
+        eval_every: int = 0, click_noise: float = 0.05,
+        seeds: Sequence[int] = (0, 1, 2)) -> dict[str, dict[str, Any]]:
+  """Trains every mode over `seeds` (unless already trained) and writes the
+  reports.
 
   Returns:
     The summary written to `supervision.json`.
   """
+  if not seeds:
+    raise ValueError('--seeds is empty; give at least one seed.')
   root = epath.Path(workdir)
   root.mkdir(parents=True, exist_ok=True)
   summary = {}
   for mode in modes:
-    config = mode_config(mode, arg, data_dir, total_steps, eval_every,
-                         click_noise)
-    wall_file = root / mode / 'wall_s.json'
-    if not wall_file.exists():  # Not trained to the end by an earlier run.
-      start = time.perf_counter()
-      train.train_and_evaluate(config, str(root / mode))
-      if not (root / mode / 'results.json').exists():
-        raise RuntimeError(f'{mode} stopped before its last step (preempted?)'
-                           '; run the benchmark again to resume it.')
-      wall_file.write_text(json.dumps(round(time.perf_counter() - start, 1)))
-    results = json.loads((root / mode / 'results.json').read_text())
-    history = json.loads((root / mode / 'eval_history.json').read_text())
+    runs = []
+    for seed in seeds:
+      config = mode_config(mode, arg, data_dir, total_steps, eval_every,
+                           click_noise, seed)
+      runs.append(train_once(config, root / mode / f'seed{seed}'))
+      logging.info('%s seed %d done in %.0f s.', mode, seed,
+                   runs[-1]['wall_s'])
     summary[mode] = {
         'task': config.task,
         'click_noise': config.data.click_noise,
         'model': config.model.to_dict(), 'data': config.data.name,
         'total_steps': config.total_steps, 'batch_size': config.batch_size,
-        'seed': config.seed,
-        # Wall time of the invocation that trained it (data build, compile,
-        # training and evaluations; resumed parts not included).
-        'wall_s': json.loads(wall_file.read_text()),
-        'results': {s: results[s] for s in SPLITS},
-        'validation_curve': validation_curve(history),
+        'seeds': list(seeds),
+        'aggregate': aggregate([r['results'] for r in runs]),
+        'runs': runs,
     }
-    logging.info('%s done in %.0f s.', mode, summary[mode]['wall_s'])
   (root / 'supervision.json').write_text(json.dumps(summary, indent=2))
   (root / 'supervision.md').write_text(table(summary))
   plot(summary, root / 'supervision.png')
@@ -168,7 +260,8 @@ def main(argv: Sequence[str]) -> None:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   args = flags.FLAGS
   summary = run(args.modes, args.workdir, args.config, args.data_dir,
-                args.total_steps, args.eval_every, args.click_noise)
+                args.total_steps, args.eval_every, args.click_noise,
+                [int(seed) for seed in args.seeds])
   print(table(summary))
 
 
@@ -184,7 +277,10 @@ if __name__ == '__main__':
   flags.DEFINE_integer('total_steps', None,
                        "Train steps; None = the config's.")
   flags.DEFINE_integer(
-      'eval_every', 325, 'Validation every this many steps (the curve).')
+      'eval_every', 0, 'Validation every this many steps (the curve); 0 = '
+      'at the end only, as the default configs.')
+  flags.DEFINE_list('seeds', ['0', '1', '2'],
+                    'Seeds to train each mode with (config.seed).')
   flags.DEFINE_float(
       'click_noise', 0.05, 'click_noise mode: click shift std / box size.')
   app.run(main)

@@ -42,9 +42,8 @@ def make_eval_step(task: base.Task, mesh: jax.sharding.Mesh,
   size = task.config.data.image_size
 
   def step_fn(state, batch):
-    outputs = task.forward(
-        {'params': state.params, 'batch_stats': state.batch_stats}, batch,
-        train=False, rngs=task.eval_rngs())
+    outputs = task.forward(state.eval_variables(), batch, train=False,
+                           rngs=task.eval_rngs())
     response = task.response_map(outputs, size)
     batch_metrics = res_metrics.RESMetrics.from_model_output(
         response, batch['eval_mask'], batch['orig_size'],
