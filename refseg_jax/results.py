@@ -65,14 +65,16 @@ def cpu_model() -> str:
 
 
 def git_commit() -> str | None:
-  """The commit of this source tree, '+dirty' if it has uncommitted changes;
-  None outside a git checkout (an installed wheel)."""
+  """The commit of this source tree, '+dirty' if a tracked file (code,
+  configs) has uncommitted changes; None outside a git checkout (an
+  installed wheel)."""
   source = pathlib.Path(__file__).parent
   try:
     commit = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=source,
                             capture_output=True, text=True, check=True,
                             timeout=10).stdout.strip()
-    dirty = subprocess.run(['git', 'status', '--porcelain', '--', '.'],
+    dirty = subprocess.run(['git', 'status', '--porcelain',
+                            '--untracked-files=no'],
                            cwd=source, capture_output=True, text=True,
                            check=True, timeout=10).stdout.strip()
   except (OSError, subprocess.SubprocessError):

@@ -211,6 +211,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
 
   writer = metric_writers.create_default_writer(
       str(workdir), just_logging=jax.process_index() > 0)
+  # At the start: the code and config that run (the tree may change later).
+  provenance = results.provenance(config)
   if jax.process_index() == 0:
     results.write_json(workdir / 'config.json', config.to_dict())
   num_params = sum(x.size for x in jax.tree.leaves(state.params))
@@ -255,8 +257,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
                            best, config.eval.best_split)
         if is_last and jax.process_index() == 0:
           results.write_json(workdir / 'results.json', {
-              **scores, 'step': step,
-              'provenance': results.provenance(config)})
+              **scores, 'step': step, 'provenance': provenance})
         window.restart()  # Evaluation is not train time.
 
       if is_last or step % config.checkpoint_every_steps == 0:

@@ -416,6 +416,7 @@ def test_train_state_starts_from_converted_weights(tmp_path):
   # the backbone and straight from the HF directory for the text.
   written = convert.convert_config(config, str(tmp_path / 'converted'))
   config.model_init.backbone = written['backbone']
+  config.ema_decay = 0.99
 
   tokenizer = pipeline.load_tokenizer(config.data.tokenizer, config.data.name)
   task = tasks.build(config, tokenizer.vocab_size)
@@ -423,6 +424,9 @@ def test_train_state_starts_from_converted_weights(tmp_path):
   state, _ = train_state.create(config, task, mesh)
   params = jax.device_get(state.params)
   batch_stats = jax.device_get(state.batch_stats)
+  # The params' average starts from the same, converted weights.
+  jax.tree.map(np.testing.assert_array_equal,
+               jax.device_get(state.ema_params), params)
 
   bert_state = hf_bert.state_dict()
   np.testing.assert_array_equal(

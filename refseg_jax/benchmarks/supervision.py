@@ -150,8 +150,9 @@ def table(summary: Mapping[str, Mapping[str, Any]]) -> str:
 
 
 def plot(summary: Mapping[str, Mapping[str, Any]], path: epath.Path) -> None:
-  """Final validation mIoU and PointM per mode (bar: mean, whisker: std,
-  dots: the seeds); with mid-run evaluations, the curves (mean ± std)."""
+  """Final validation mIoU and PointM per mode (the mean with a ± std bar,
+  and each seed's dot beside it); with mid-run evaluations, the curves
+  (mean ± std)."""
   has_curves = any(len(run['validation_curve']) > 1
                    for entry in summary.values() for run in entry['runs'])
   rows = 2 if has_curves else 1
@@ -160,14 +161,18 @@ def plot(summary: Mapping[str, Mapping[str, Any]], path: epath.Path) -> None:
   for metric, ax in zip(('mIoU', 'PointM'), axes[0]):
     for i, mode in enumerate(modes):
       stats = summary[mode]['aggregate']['validation'][metric]
-      ax.bar(i, 100 * stats['mean'], yerr=100 * stats['std'], capsize=6,
-             color=f'C{i}', alpha=0.6)
+      mean = 100 * stats['mean']
+      ax.errorbar(i, mean, yerr=100 * stats['std'], fmt='o', capsize=8,
+                  markersize=9, color=f'C{i}')
+      ax.annotate(f'{mean:.1f}', (i, mean), xytext=(-12, 0),
+                  textcoords='offset points', ha='right', va='center')
       seeds = [100 * run['results']['validation'][metric]
                for run in summary[mode]['runs']]
-      ax.plot([i] * len(seeds), seeds, 'k.', markersize=8)
+      ax.plot([i + 0.15] * len(seeds), seeds, 'k.', markersize=7)
     ax.set_xticks(range(len(modes)), modes)
+    ax.set_xlim(-0.6, len(modes) - 0.4)
     ax.set_ylabel(f'validation {metric} (%)')
-    ax.set_title(f'final {metric}: mean ± std, dots = seeds')
+    ax.set_title(f'final {metric}: mean ± std; dots: seeds')
     ax.grid(alpha=0.3, axis='y')
   if has_curves:
     for metric, ax in zip(('mIoU', 'PointM'), axes[1]):
