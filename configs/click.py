@@ -8,12 +8,12 @@ the box the corner clicks span, and the centre click as a positive point
 (`refseg_jax.tasks.pks_click`). No batch holds a mask.
 
 Default (`data=ref_shapes,model=tiny`): the built-in 128 px benchmark with a
-tiny ResNet + BERT, 2,050 steps of 32 expressions (16 images), exact clicks;
+tiny ResNet + BERT, 2,400 steps of 32 expressions (16 images), exact clicks;
 the mask losses reach the shared trunk at a tenth of their gradient.
-Measured on a 2-core CPU (2026-12-03, seed 0): validation mIoU 62.1,
-PointM 77.2 (68.3 and 81.2 with the earlier decay rule, which also
-decayed BERT's position embeddings; docs/results.md);
-with `--config.data.click_noise=0.05`, 51.1 (earlier code).
+Measured on a 2-core CPU (2026-12-03), mean ± std over seeds 0, 1, 2:
+validation mIoU 58.98 ± 8.34 (min 50.85), PointM 76.00 ± 5.95; the seeds
+differ in whether the mask head learns the object's extent in time
+(docs/results.md, supervision benchmark over seeds).
 
 Variants, big_vision style, after a colon:
 

@@ -3,12 +3,11 @@ r"""PKS with full (mask) supervision.
     python -m refseg_jax.main --config=configs/full.py --workdir=/tmp/full
 
 Default (`data=ref_shapes,model=tiny`): the built-in 128 px benchmark with a
-tiny ResNet + BERT, 2,050 steps of 32 expressions (16 images, 2 expressions
-each), final evaluation on validation and test. Measured on a 2-core CPU
-(2026-12-03, seed 0): validation mIoU 69.3, PointM 79.8, in 11 min 57 s
-end to end from a fresh clone (installing and building the dataset
-included); the figure moves by a few points with the seed
-(docs/results.md has every figure and its command).
+tiny ResNet + BERT, 2,400 steps of 32 expressions (16 images, 2 expressions
+each), final evaluation on validation. Measured on a 2-core CPU
+(2026-12-03), mean ± std over seeds 0, 1, 2: validation mIoU 72.39 ± 1.78
+(74.19, 72.37, 70.63), PointM 83.70 ± 2.02; 9 min 9 s to 9 min 39 s a run
+with the dataset built (docs/results.md has every figure and its command).
 
 Variants, big_vision style, after a colon:
 
