@@ -47,5 +47,9 @@ setuptools.setup(
         # the CPU wheel (--extra-index-url
         # https://download.pytorch.org/whl/cpu), not GBs of CUDA packages.
         'torch==2.13.0',
+        # Runs notebooks/quickstart.ipynb (tests/test_notebook.py).
+        'ipykernel>=7.4,<8',
+        'nbclient>=0.11,<0.12',
+        'nbformat>=5.11,<6',
     ]},
 )

@@ -2,7 +2,9 @@
 
     WORKDIR/checkpoints/<step>/   the latest train states, resumed from
     WORKDIR/best/<step>/          params of the best `config.eval.best_split`
-                                  mIoU
+                                  mIoU (the variables evaluation applies)
+
+`restore_variables` reads either for evaluation and prediction.
 
 Orbax writes each step into a temporary directory and renames it into
 place when complete, so a killed run never leaves a partial checkpoint that
@@ -16,6 +18,7 @@ import signal
 import threading
 from typing import Any, Mapping
 
+from absl import logging
 from etils import epath
 import jax
 import ml_collections
@@ -32,7 +35,7 @@ def managers(workdir: epath.Path, config: ml_collections.ConfigDict
   best = ocp.CheckpointManager(
       workdir / 'best',
       options=ocp.CheckpointManagerOptions(
-          max_to_keep=1, best_fn=lambda m: m['mIoU'], best_mode='max',
+          max_to_keep=1, best_fn=_best_mIoU, best_mode='max',
           create=True))
   return latest, best
 
@@ -51,16 +54,82 @@ def restore(manager: ocp.CheckpointManager, state: Any,
       _abstract(state, state_shardings)))
 
 
-def restore_latest(workdir: epath.Path, state: Any,
-                   state_shardings: Any) -> Any | None:
-  """`workdir`'s latest checkpoint (None if it has none), laid out as
-  `state` and its shardings."""
-  if not (workdir / 'checkpoints').exists():
+def _best_mIoU(metrics: Mapping[str, float]) -> float:
+  return metrics['mIoU']
+
+
+def _read_manager(directory: epath.Path, **options: Any
+                  ) -> ocp.CheckpointManager | None:
+  """A read-only manager of `directory`; None if it holds no checkpoint."""
+  if not directory.exists():
     return None
-  with ocp.CheckpointManager(workdir / 'checkpoints') as latest:
-    if latest.latest_step() is None:
-      return None
-    return restore(latest, state, state_shardings)
+  # Read-only: a reader must not clean up the temporary directory of a
+  # save that a running training has in flight. (Its defaults set to what
+  # read_only implies, which orbax otherwise warns about.)
+  manager = ocp.CheckpointManager(
+      directory, options=ocp.CheckpointManagerOptions(
+          read_only=True, save_interval_steps=0, create=False, **options))
+  if manager.latest_step() is None:
+    manager.close()
+    return None
+  return manager
+
+
+def restore_variables(workdir: epath.Path, checkpoint: str, state: Any,
+                      state_shardings: Any) -> tuple[dict[str, Any], str, int]:
+  """The evaluation variables (params or their average, batch statistics)
+  of one of `workdir`'s checkpoints, laid out as `state.eval_variables()`.
+
+  Args:
+    workdir: a training workdir (or one `refseg_jax.models.convert` made).
+    checkpoint: 'best' (WORKDIR/best: the best scored variables, or those
+      `refseg_jax.models.convert --workdir` wrote; a run not evaluated yet
+      falls back to 'latest' with a warning), 'latest', or a step number of
+      WORKDIR/checkpoints.
+    state: the train state, or its shapes.
+    state_shardings: its shardings.
+
+  Returns:
+    (variables, 'best' or 'latest' or 'step', the step restored).
+
+  Raises:
+    FileNotFoundError: `workdir` has no checkpoint (naming the directory).
+    ValueError: an unknown choice, or a step the workdir does not hold
+      (listing those it does).
+  """
+  if checkpoint not in ('best', 'latest') and not checkpoint.isdigit():
+    raise ValueError(f'--checkpoint={checkpoint!r}: expected best, latest or '
+                     'a step number.')
+  if checkpoint == 'best':
+    best = _read_manager(workdir / 'best', best_fn=_best_mIoU,
+                         best_mode='max')
+    if best is not None:
+      with best:
+        step = best.best_step()
+        if step is None:  # Unscored: the variables `convert --workdir` wrote.
+          step = best.latest_step()
+        variables = best.restore(step, args=ocp.args.StandardRestore(
+            _abstract(state.eval_variables(),
+                      state_shardings.eval_variables())))
+      return variables, 'best', step
+    logging.warning('%s has no best checkpoint (it is written at '
+                    'evaluations); using the latest train state.', workdir)
+  latest = _read_manager(workdir / 'checkpoints')
+  if latest is None:
+    raise FileNotFoundError(
+        f'No checkpoint in {workdir / "checkpoints"}: train with '
+        '`python -m refseg_jax.main` or convert weights with '
+        '`python -m refseg_jax.models.convert --workdir=...` first.')
+  with latest:
+    step = latest.latest_step() if not checkpoint.isdigit() else int(
+        checkpoint)
+    if step not in latest.all_steps():
+      raise ValueError(f'{workdir / "checkpoints"} has no step {step}; it '
+                       f'holds steps {sorted(latest.all_steps())}.')
+    restored = latest.restore(step, args=ocp.args.StandardRestore(
+        _abstract(state, state_shardings)))
+  return (restored.eval_variables(),
+          'step' if checkpoint.isdigit() else 'latest', step)
 
 
 def save_state(manager: ocp.CheckpointManager, step: int, state: Any) -> None:

@@ -4,6 +4,8 @@
     results.json        final evaluation, {split: {metric: value}, "step": N,
                         "provenance": `provenance(config)`}
     eval_history.json   every evaluation, [{"step", "split", metric: value}]
+    evaluation.json     `refseg_jax.evaluate`'s report, laid out as
+                        results.json (+ "checkpoint")
 
 Written whole and atomically (a temporary file renamed into place), through
 `etils.epath`, so that they work on gs:// and a reader never sees half a
@@ -18,7 +20,7 @@ import json
 import pathlib
 import platform
 import subprocess
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from etils import epath
 import jax
@@ -44,6 +46,26 @@ def append_history(path: epath.Path, entry: Mapping[str, Any]) -> None:
   cannot be appended to)."""
   history = json.loads(path.read_text()) if path.exists() else []
   write_json(path, history + [dict(entry)])
+
+
+def percent_table(rows: Mapping[str, Mapping[str, Any]], columns: Sequence[str],
+                  header: tuple[str, str], count_key: str,
+                  digits: int = 2) -> str:
+  """A markdown table: per row its name, count and `columns` in percent.
+
+  Args:
+    rows: {row name: {count_key: int, column: fraction}}.
+    columns: the fractions to print, in order.
+    header: the titles of the name and count columns.
+    count_key: where each row holds its count.
+    digits: decimals of the percentages.
+  """
+  lines = [f'| {header[0]} | {header[1]} | ' + ' | '.join(columns) + ' |',
+           '|---|---|' + '---|' * len(columns)]
+  for name, values in rows.items():
+    lines.append(f'| {name} | {values[count_key]} | ' + ' | '.join(
+        f'{100 * values[c]:.{digits}f}' for c in columns) + ' |')
+  return '\n'.join(lines)
 
 
 def config_hash(config: ml_collections.ConfigDict) -> str:

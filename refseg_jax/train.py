@@ -164,7 +164,7 @@ def _evaluate(evaluator: evaluator_lib.Evaluator, state, step: int,
   """Evaluates and logs `splits`; keeps the params if `best_split` improved."""
   scores = {}
   for split in splits:
-    scores[split], picture = evaluator.evaluate(state, split)
+    scores[split], picture = evaluator.evaluate(state.eval_variables(), split)
     _log_eval(writer, step, split, scores[split], picture, workdir)
   if best_split in scores:
     checkpointing.save_best(best, step, state, scores[best_split])
@@ -225,7 +225,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       jax.process_index(), jax.process_count(), skip_batches=start_step))
   batch_sharding = sharding.batch_sharding(mesh)
   train_step = make_train_step(config, task, mesh, state_shardings)
-  evaluator = evaluator_lib.Evaluator(config, task, mesh, state_shardings)
+  evaluator = evaluator_lib.Evaluator(config, task, mesh,
+                                      state_shardings.eval_variables())
   report = periodic_actions.ReportProgress(
       num_train_steps=config.total_steps, writer=writer,
       every_steps=config.log_every_steps)

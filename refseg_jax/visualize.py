@@ -42,6 +42,20 @@ def overlay(image: np.ndarray, masks: Sequence[tuple[np.ndarray, tuple]],
   return picture
 
 
+def _wrap(caption: str, width: int, lines: int) -> str:
+  """`caption` in at most `lines` lines of about `width` characters."""
+  wrapped = ['']
+  for word in caption.split():
+    if wrapped[-1] and len(wrapped[-1]) + len(word) > width:
+      wrapped.append('')
+    wrapped[-1] = f'{wrapped[-1]} {word}'.strip()
+  return '\n'.join(wrapped[:lines])
+
+
+# Pixels per character and per line of PIL's default font.
+_CHAR_WIDTH, _LINE_HEIGHT = 6.4, 16
+
+
 def captioned_grid(panels: Sequence[tuple[Image.Image, str]], columns: int,
                    panel_size: int = 256) -> Image.Image:
   """Panels scaled to `panel_size` wide, each with its caption underneath."""
@@ -56,14 +70,21 @@ def captioned_grid(panels: Sequence[tuple[Image.Image, str]], columns: int,
     grid.paste(panel.resize((panel_size, panel_size), Image.NEAREST),
                (left, top))
     # Two lines of ~40 characters fit under a 256 px panel.
-    words, lines = caption.split(), ['']
-    for word in words:
-      if len(lines[-1]) + len(word) > 40:
-        lines.append('')
-      lines[-1] = f'{lines[-1]} {word}'.strip()
     draw.multiline_text((left + 4, top + panel_size + 2),
-                        '\n'.join(lines[:2]), fill='black')
+                        _wrap(caption, 40, 2), fill='black')
   return grid
+
+
+def with_caption(picture: Image.Image, caption: str) -> Image.Image:
+  """`picture` at its own size with `caption` underneath (wrapped to its
+  width, at most 3 lines)."""
+  text = _wrap(caption, max(8, int(picture.width / _CHAR_WIDTH) - 1), 3)
+  height = _LINE_HEIGHT * (text.count('\n') + 1) + 4
+  out = Image.new('RGB', (picture.width, picture.height + height), 'white')
+  out.paste(picture, (0, 0))
+  ImageDraw.Draw(out).multiline_text((3, picture.height + 2), text,
+                                     fill='black')
+  return out
 
 
 def overlay_grid(batch: Mapping[str, np.ndarray], response: np.ndarray,

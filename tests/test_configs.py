@@ -153,9 +153,10 @@ def test_every_variant_builds_and_traces_a_train_and_an_eval_step(spec):
       config.loss)  # Every logged term has a weight.
   assert all(m.shape == () for m in metrics.values())
 
-  eval_step = evaluator.make_eval_step(task, mesh, shardings)
+  eval_step = evaluator.make_eval_step(task, mesh,
+                                      shardings.eval_variables())
   _, response = jax.eval_shape(
-      eval_step, state, _abstract_batch(config, task.supervision, False))
+      eval_step, state.eval_variables(), _abstract_batch(config, task.supervision, False))
   size = config.data.image_size
   assert response.shape == (config.eval.batch_size, size, size)
 

@@ -21,9 +21,11 @@ import pytest
 import safetensors.numpy
 
 from refseg_jax import config_lib
+from refseg_jax import predict
 from refseg_jax import sharding
 from refseg_jax import tasks
 from refseg_jax import train_state
+from refseg_jax import trained
 from refseg_jax.data import pipeline
 from refseg_jax.models import bert
 from refseg_jax.models import convert
@@ -452,3 +454,19 @@ def test_train_state_starts_from_converted_weights(tmp_path):
       tree = params if collection == 'params' else batch_stats
       np.testing.assert_array_equal(at_path(tree, '/'.join([name, *rest])),
                                     value)
+
+  # A workdir of the whole model with these weights (`convert --workdir`):
+  # what evaluation and prediction load is the train state's start, the
+  # converted modules and the seed's initialisation of the rest.
+  convert.write_workdir(config, written, str(tmp_path / 'workdir'))
+  loaded = trained.load(str(tmp_path / 'workdir'),
+                        mesh=sharding.make_mesh([('data', 1)],
+                                                jax.devices()[:1]))
+  assert (loaded.checkpoint, loaded.step) == ('best', 0)
+  assert loaded.config.model_init.to_dict() == written
+  jax.tree.map(np.testing.assert_array_equal,
+               jax.device_get(loaded.variables),
+               {'params': params, 'batch_stats': batch_stats})
+  (prediction,) = predict.Predictor(loaded)(
+      np.zeros((20, 36, 3), np.uint8), 'the big red circle')
+  assert prediction.mask.shape == (20, 36)

@@ -67,7 +67,8 @@ def test_oracle_model_columns_agree_with_the_trainers_evaluation(
   with ocp.CheckpointManager(tmp_path / 'checkpoints') as manager:
     manager.save(0, args=ocp.args.StandardSave(state))
   expected, _ = evaluator.Evaluator(
-      config, task, mesh, state_shardings).evaluate(state, 'validation')
+      config, task, mesh, state_shardings.eval_variables()).evaluate(
+          state.eval_variables(), 'validation')
 
   rows = slot_oracle.evaluate(config, str(tmp_path), 'validation')
   assert rows['all']['count'] == expected['num_expressions']

@@ -30,6 +30,7 @@ from ml_collections import config_flags
 import numpy as np
 
 from refseg_jax import checkpointing
+from refseg_jax import results
 from refseg_jax import sharding
 from refseg_jax import tasks
 from refseg_jax import train_state
@@ -74,14 +75,14 @@ def best_slot_scores(slot_masks: jax.Array, batch: Mapping[str, jax.Array]
 
 
 def make_score_step(task: sag_text.SaGText, mesh: jax.sharding.Mesh,
-                    state_shardings: Any):
-  """The jitted `(state, batch) -> {name: [B]}` of the model's and the
+                    variable_shardings: Any):
+  """The jitted `(variables, batch) -> {name: [B]}` of the model's and the
   oracle's per-expression scores (slots drawn with the evaluation's key)."""
   capture = lambda module, _: module.name == 'entities'
 
-  def step_fn(state, batch):
+  def step_fn(variables, batch):
     outputs, state_ = task.model.apply(
-        state.eval_variables(), batch['image'], batch['text_tokens'],
+        variables, batch['image'], batch['text_tokens'],
         batch['text_mask'], train=False,
         rngs=task.eval_rngs(), capture_intermediates=capture,
         mutable=['intermediates'])
@@ -100,7 +101,7 @@ def make_score_step(task: sag_text.SaGText, mesh: jax.sharding.Mesh,
 
   batch_sharding = sharding.batch_sharding(mesh)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  return jax.jit(step_fn, in_shardings=(state_shardings, batch_sharding),
+  return jax.jit(step_fn, in_shardings=(variable_shardings, batch_sharding),
                  out_shardings=replicated)
 
 
@@ -135,11 +136,9 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
   task = tasks.build(config, tokenizer.vocab_size)
   shapes, state_shardings = train_state.shapes_and_shardings(config, task,
                                                              mesh)
-  state = checkpointing.restore_latest(epath.Path(workdir), shapes,
-                                       state_shardings)
-  if state is None:
-    raise FileNotFoundError(f'No checkpoint in {workdir}/checkpoints.')
-  step = make_score_step(task, mesh, state_shardings)
+  variables, _, step = checkpointing.restore_variables(
+      epath.Path(workdir), 'latest', shapes, state_shardings)
+  score_step = make_score_step(task, mesh, state_shardings.eval_variables())
   batch_sharding = sharding.batch_sharding(mesh)
   num_batches = pipeline.num_eval_batches(config.data, split,
                                           config.eval.batch_size)
@@ -148,8 +147,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
   for batch in pipeline.eval_dataset(config.data, split,
                                      config.eval.batch_size,
                                      num_batches).as_numpy_iterator():
-    scores = step(state, sharding.global_batch(evaluator.device_fields(batch),
-                                               batch_sharding))
+    scores = score_step(variables, sharding.global_batch(
+        evaluator.device_fields(batch), batch_sharding))
     valid = batch['valid'].astype(bool)
     for c in COLUMNS:
       columns[c].append(np.asarray(scores[c], np.float64)[valid])
@@ -158,19 +157,14 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
   summary = summarise({c: np.concatenate(v) for c, v in columns.items()},
                       kinds)
   (epath.Path(workdir) / f'slot_oracle_{split}.json').write_text(
-      json.dumps({'step': int(state.step), 'split': split, 'rows': summary},
-                 indent=2))
+      json.dumps({'step': step, 'split': split, 'rows': summary}, indent=2))
   return summary
 
 
 def table(summary: Mapping[str, Mapping[str, float]]) -> str:
   """A markdown table of `summarise`'s rows, in percent."""
-  lines = ['| expressions | count | ' + ' | '.join(COLUMNS) + ' |',
-           '|---|---|' + '---|' * len(COLUMNS)]
-  for row, values in summary.items():
-    lines.append(f'| {row} | {values["count"]} | ' + ' | '.join(
-        f'{100 * values[c]:.1f}' for c in COLUMNS) + ' |')
-  return '\n'.join(lines)
+  return results.percent_table(summary, COLUMNS, ('expressions', 'count'),
+                               'count', digits=1)
 
 
 def main(argv: Sequence[str]) -> None:

@@ -198,26 +198,44 @@ def click_labels(element: dict, noise: float | tf.Tensor,
   return dict(element, clicks=clicks, box=box)
 
 
-def _resize_and_pad(element: dict, size: int) -> dict:
-  """Fits the image in a size x size canvas, keeping its aspect."""
-  element = dict(element)
-  orig = tf.shape(element['image'])[:2]
+def content_size(orig: tf.Tensor, size: int) -> tf.Tensor:
+  """int32 (h, w) an image of `orig` (H, W) takes on a size x size canvas:
+  the longer side becomes `size`, the aspect is kept."""
   scale = size / tf.cast(tf.reduce_max(orig), tf.float32)
   content = tf.cast(tf.round(tf.cast(orig, tf.float32) * scale), tf.int32)
-  content = tf.clip_by_value(content, 1, size)
+  return tf.clip_by_value(content, 1, size)
 
-  def fit(image, method):
-    # Images already at the canvas size (ref_shapes) skip a costly no-op.
-    resized = tf.cond(
-        tf.reduce_all(content == orig), lambda: image,
-        lambda: tf.image.resize(image, content, method=method, antialias=True))
-    return tf.image.pad_to_bounding_box(resized, 0, 0, size, size)
 
-  image = fit(tf.cast(element['image'], tf.float32), 'bilinear')
-  element['image'] = tf.cast(tf.round(tf.clip_by_value(image, 0, 255)),
-                             tf.uint8)
+def _fit(image: tf.Tensor, content: tf.Tensor, size: int,
+         method: str) -> tf.Tensor:
+  """A float [H, W, C] image resized to `content` and padded bottom-right
+  to size x size."""
+  # Images already at the canvas size (ref_shapes) skip a costly no-op.
+  resized = tf.cond(
+      tf.reduce_all(content == tf.shape(image)[:2]), lambda: image,
+      lambda: tf.image.resize(image, content, method=method, antialias=True))
+  return tf.image.pad_to_bounding_box(resized, 0, 0, size, size)
+
+
+def letterbox(image: tf.Tensor, size: int) -> tuple[tf.Tensor, tf.Tensor]:
+  """(uint8 [size, size, 3] canvas, int32 content (h, w)) of a uint8
+  [H, W, 3] image: resized keeping its aspect (bilinear, antialiased),
+  placed top-left, zero padding. Training, evaluation and prediction
+  (`refseg_jax.predict`) all see images through it."""
+  content = content_size(tf.shape(image)[:2], size)
+  canvas = _fit(tf.cast(image, tf.float32), content, size, 'bilinear')
+  return tf.cast(tf.round(tf.clip_by_value(canvas, 0, 255)), tf.uint8), content
+
+
+def _resize_and_pad(element: dict, size: int) -> dict:
+  """Fits the image (and mask, box, clicks) in a size x size canvas,
+  keeping its aspect (`letterbox`)."""
+  element = dict(element)
+  orig = tf.shape(element['image'])[:2]
+  element['image'], content = letterbox(element['image'], size)
   if 'mask' in element:
-    mask = fit(tf.cast(element['mask'][..., None], tf.float32), 'bilinear')
+    mask = _fit(tf.cast(element['mask'][..., None], tf.float32), content,
+                size, 'bilinear')
     element['mask'] = tf.cast(mask[..., 0] >= 0.5, tf.uint8)
   # From image-normalised to canvas-normalised coordinates.
   yx = tf.cast(content, tf.float32) / size
@@ -245,18 +263,22 @@ def _eval_fields(element: dict, mask_size: int) -> dict:
   return {k: v for k, v in element.items() if k != 'mask'}
 
 
+def tokenize(tokenizer, sentences: list[str], max_len: int
+             ) -> tuple[np.ndarray, np.ndarray]:
+  """int32 (tokens, attention mask) [len(sentences), max_len]: padded, and
+  truncated at `max_len` tokens (special tokens included)."""
+  encoded = tokenizer(list(sentences), padding='max_length', truncation=True,
+                      max_length=max_len, return_tensors='np')
+  return (encoded['input_ids'].astype(np.int32),
+          encoded['attention_mask'].astype(np.int32))
+
+
 def _tokenize(batch: dict, tokenizer, max_len: int) -> dict:
   """Adds text_tokens and text_mask [B, max_len] (int32)."""
-
-  def encode(sentences):
-    encoded = tokenizer([s.decode() for s in sentences], padding='max_length',
-                        truncation=True, max_length=max_len,
-                        return_tensors='np')
-    return (encoded['input_ids'].astype(np.int32),
-            encoded['attention_mask'].astype(np.int32))
-
-  tokens, mask = tf.numpy_function(encode, [batch['sentence']],
-                                   (tf.int32, tf.int32), stateful=False)
+  tokens, mask = tf.numpy_function(
+      lambda sentences: tokenize(tokenizer, [s.decode() for s in sentences],
+                                 max_len),
+      [batch['sentence']], (tf.int32, tf.int32), stateful=False)
   shape = [batch['sentence'].shape[0], max_len]
   return dict(batch, text_tokens=tf.ensure_shape(tokens, shape),
               text_mask=tf.ensure_shape(mask, shape))
@@ -269,17 +291,31 @@ def _local_batch_size(global_batch_size: int, process_count: int) -> int:
   return global_batch_size // process_count
 
 
-def _host_images(config: ml_collections.ConfigDict, split: str,
-                 process_index: int, process_count: int,
-                 shuffle_files: bool = False,
-                 seed: int | None = None) -> tf.data.Dataset:
-  """This host's slice of `split`, images and masks left encoded."""
+def prepared_builder(config: ml_collections.ConfigDict
+                     ) -> tfds.core.DatasetBuilder:
+  """The TFDS builder of `config.name`; an error says how to build it."""
   builder = tfds.builder(config.name, data_dir=config.data_dir)
   if not builder.is_prepared():
     raise FileNotFoundError(
         f'Dataset {config.name} is not built in {builder.data_dir}: run '
         f'python -m refseg_jax.data.build --dataset={config.name}'
         + (f' --data_dir={config.data_dir}' if config.data_dir else ''))
+  return builder
+
+
+def eval_splits(config: ml_collections.ConfigDict) -> list[str]:
+  """The splits of the built dataset an evaluation may read (all but
+  'train'): ref_shapes' validation, test, test_novel; RefCOCO's val, testA,
+  testB or test."""
+  return [s for s in prepared_builder(config).info.splits if s != 'train']
+
+
+def _host_images(config: ml_collections.ConfigDict, split: str,
+                 process_index: int, process_count: int,
+                 shuffle_files: bool = False,
+                 seed: int | None = None) -> tf.data.Dataset:
+  """This host's slice of `split`, images and masks left encoded."""
+  builder = prepared_builder(config)
   host_split = tfds.split_for_jax_process(
       split, process_index=process_index, process_count=process_count)
   return builder.as_dataset(

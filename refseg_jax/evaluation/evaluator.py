@@ -1,4 +1,4 @@
-"""Scoring a train state on evaluation splits: `Evaluator`.
+"""Scoring a model's variables on evaluation splits: `Evaluator`.
 
 One jitted step per batch runs the task's inference forward pass, takes its
 response map (`refseg_jax.tasks.base.Task.response_map`) and accumulates
@@ -33,16 +33,18 @@ def device_fields(batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def make_eval_step(task: base.Task, mesh: jax.sharding.Mesh,
-                   state_shardings: Any):
-  """The jitted `(state, batch) -> (RESMetrics, response [B, S, S])`.
+                   variable_shardings: Any):
+  """The jitted `(variables, batch) -> (RESMetrics, response [B, S, S])`.
 
-  The response is the task's, thresholded at 0, drawn with the task's fixed
-  evaluation keys, so an evaluation is reproducible.
+  `variables` are what the model is applied with (a train state's
+  `eval_variables()`, or a restored best checkpoint). The response is the
+  task's, thresholded at 0, drawn with the task's fixed evaluation keys, so
+  an evaluation is reproducible.
   """
   size = task.config.data.image_size
 
-  def step_fn(state, batch):
-    outputs = task.forward(state.eval_variables(), batch, train=False,
+  def step_fn(variables, batch):
+    outputs = task.forward(variables, batch, train=False,
                            rngs=task.eval_rngs())
     response = task.response_map(outputs, size)
     batch_metrics = res_metrics.RESMetrics.from_model_output(
@@ -52,24 +54,29 @@ def make_eval_step(task: base.Task, mesh: jax.sharding.Mesh,
 
   batch_sharding = sharding.batch_sharding(mesh)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  return jax.jit(step_fn, in_shardings=(state_shardings, batch_sharding),
+  return jax.jit(step_fn, in_shardings=(variable_shardings, batch_sharding),
                  out_shardings=(replicated, batch_sharding))
 
 
 class Evaluator:
-  """Scores a train state on eval splits, and draws a few predictions."""
+  """Scores a model's variables on eval splits, and draws a few predictions.
+
+  Constructed with the variables' shardings (`state_shardings.
+  eval_variables()`); `evaluate` takes the variables themselves.
+  """
 
   def __init__(self, config: ml_collections.ConfigDict, task: base.Task,
-               mesh: jax.sharding.Mesh, state_shardings: Any):
+               mesh: jax.sharding.Mesh, variable_shardings: Any):
     self._config = config
     self._mesh = mesh
-    self._step_fn = make_eval_step(task, mesh, state_shardings)
+    self._step_fn = make_eval_step(task, mesh, variable_shardings)
     self._sharding = sharding.batch_sharding(mesh)
     self._num_batches: dict[str, int] = {}
 
-  def evaluate(self, state: Any, split: str
+  def evaluate(self, variables: Any, split: str
                ) -> tuple[dict[str, float], Image.Image | None]:
-    """(metrics of `split`, overlay picture of its first batch)."""
+    """(metrics of `split`, overlay picture of its first batch: the same
+    examples at every evaluation)."""
     config = self._config
     if split not in self._num_batches:
       self._num_batches[split] = pipeline.num_eval_batches(
@@ -80,7 +87,7 @@ class Evaluator:
     total, picture = res_metrics.RESMetrics.empty(), None
     for batch in ds.as_numpy_iterator():
       batch_metrics, response = self._step_fn(
-          state, sharding.global_batch(device_fields(batch), self._sharding))
+          variables, sharding.global_batch(device_fields(batch), self._sharding))
       total = total.merge(batch_metrics)
       if picture is None and config.eval.num_overlays:
         local = multihost_utils.global_array_to_host_local_array(

@@ -46,7 +46,10 @@ Command line: convert once, for the encoders a training config's
         --config.data.tokenizer=/ckpt/bert-base-uncased --output=/ckpt/sag
 
 writes `/ckpt/sag/backbone` and `/ckpt/sag/text`; then train with
-`--config.model_init.backbone=/ckpt/sag/backbone` (and `.text=...`).
+`--config.model_init.backbone=/ckpt/sag/backbone` (and `.text=...`). With
+`--workdir=W` it also writes a workdir of the whole model with these
+weights (`write_workdir`), which `refseg_jax.evaluate` and
+`refseg_jax.predict` load like a trained one.
 """
 
 from __future__ import annotations
@@ -463,12 +466,54 @@ def convert_config(config: Any, output: str) -> dict[str, str]:
   return written
 
 
+def write_workdir(config: Any, written: Mapping[str, str],
+                  workdir: str) -> None:
+  """A workdir of the model with the converted weights, untrained.
+
+  Writes WORKDIR/config.json (`model_init` naming the `written`
+  checkpoints) and, in WORKDIR/best/0, the variables evaluation applies:
+  the converted modules, the rest as `config.seed` initialises them. So
+  `refseg_jax.evaluate` and `refseg_jax.predict` take it as they take a
+  trained workdir, and `refseg_jax.main` fine-tunes from it (starting from
+  the same weights, through `model_init`).
+  """
+  # pylint: disable=g-import-not-at-top
+  from refseg_jax import checkpointing
+  from refseg_jax import results
+  from refseg_jax import tasks
+  from refseg_jax.data import pipeline
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    config.model_init.update(written)
+  tokenizer = pipeline.load_tokenizer(config.data.tokenizer, config.data.name)
+  task = tasks.build(config, tokenizer.vocab_size)
+  # Jitted as training initialises (eager float order differs by an ulp).
+  variables = jax.jit(task.init_variables)(jax.random.key(config.seed))
+  flat = traverse_util.flatten_dict(variables)
+  for name, converted in load_modules(config.model_init, variables).items():
+    for (collection, *rest), value in traverse_util.flatten_dict(
+        converted.variables).items():
+      flat[(collection, name, *rest)] = value
+  workdir = epath.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  results.write_json(workdir / 'config.json', config.to_dict())
+  best = checkpointing.managers(workdir, config)[1]
+  with best:  # Saved without a score: no evaluation has run.
+    best.save(0, args=ocp.args.StandardSave(
+        {'params': {}, 'batch_stats': {},
+         **traverse_util.unflatten_dict(flat)}))
+
+
 def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  for name, path in convert_config(flags.FLAGS.config,
-                                   flags.FLAGS.output).items():
+  written = convert_config(flags.FLAGS.config, flags.FLAGS.output)
+  for name, path in written.items():
     print(f'--config.model_init.{name}={path}')
+  if flags.FLAGS.workdir:
+    write_workdir(flags.FLAGS.config, written, flags.FLAGS.workdir)
+    print(f'Wrote the workdir {flags.FLAGS.workdir}: evaluate or predict '
+          'with --workdir, fine-tune with refseg_jax.main --workdir.')
 
 
 if __name__ == '__main__':
@@ -479,5 +524,8 @@ if __name__ == '__main__':
       'checkpoints: FILE:ARG.')
   flags.DEFINE_string(
       'output', None, 'Directory for the converted orbax checkpoints.')
+  flags.DEFINE_string(
+      'workdir', None, 'Also write a workdir of the whole model with these '
+      'weights (config.json, best/0) for refseg_jax.evaluate / predict.')
   flags.mark_flags_as_required(['config', 'output'])
   app.run(main)
