@@ -199,9 +199,9 @@ class Predictor:
 
 def overlay_picture(pixels: np.ndarray, prediction: Prediction
                     ) -> Image.Image:
-  """The mask in red over the image, PKS' box and position in white."""
-  picture = visualize.overlay(
-      pixels, [(prediction.mask, visualize.PREDICTED_COLOUR)], dim=0.6)
+  """The mask lit and outlined in red (the rest dimmed), PKS' box and
+  position in white."""
+  picture = visualize.spotlight(pixels, prediction.mask)
   if prediction.box is not None:
     draw = ImageDraw.Draw(picture)
     ymin, xmin, ymax, xmax = prediction.box

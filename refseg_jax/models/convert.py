@@ -472,10 +472,9 @@ def write_workdir(config: Any, written: Mapping[str, str],
 
   Writes WORKDIR/config.json (`model_init` naming the `written`
   checkpoints) and, in WORKDIR/best/0, the variables evaluation applies:
-  the converted modules, the rest as `config.seed` initialises them. So
-  `refseg_jax.evaluate` and `refseg_jax.predict` take it as they take a
-  trained workdir, and `refseg_jax.main` fine-tunes from it (starting from
-  the same weights, through `model_init`).
+  the converted modules, the rest as `config.seed` initialises them (what
+  training with this `model_init` starts from). So `refseg_jax.evaluate`
+  and `refseg_jax.predict` take it as they take a trained workdir.
   """
   # pylint: disable=g-import-not-at-top
   from refseg_jax import checkpointing
@@ -513,7 +512,7 @@ def main(argv) -> None:
   if flags.FLAGS.workdir:
     write_workdir(flags.FLAGS.config, written, flags.FLAGS.workdir)
     print(f'Wrote the workdir {flags.FLAGS.workdir}: evaluate or predict '
-          'with --workdir, fine-tune with refseg_jax.main --workdir.')
+          'with --workdir; train (in a new workdir) with the flags above.')
 
 
 if __name__ == '__main__':
