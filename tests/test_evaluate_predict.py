@@ -12,7 +12,6 @@ import pathlib
 import subprocess
 import sys
 
-import jax
 import numpy as np
 from PIL import Image
 import pytest
