@@ -15,10 +15,9 @@ the slot decoder reconstructs patch pixels, the expression vector is the
 mean of BERT's token states, and the expression gathers slots by slot
 matching, leaving out slots that cover over 20 % of the image
 (docs/results.md compares these with the official ViT features, [CLS] and
-fusion layer). Measured on a 2-core CPU (2026-12-03, seed 0) at the
-earlier default of 2,050 steps: validation mIoU 30.3, PointM 40.8 (before
-the reorganisation: 30.6, 41.4, in 972 s with a validation every 325
-steps); not yet rerun at 2,400 steps or over seeds (docs/results.md).
+fusion layer). Measured on a 2-core CPU (2026-12-03), mean ± std over
+seeds 0, 1, 2: validation mIoU 30.01 ± 0.32, PointM 41.75 ± 0.28
+(the supervision benchmark, docs/results.md).
 
 Variants, big_vision style, after a colon:
 
