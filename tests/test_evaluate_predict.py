@@ -24,6 +24,7 @@ from refseg_jax import predict
 from refseg_jax import results
 from refseg_jax import train
 from refseg_jax import trained as trained_lib
+from refseg_jax import visualize
 from refseg_jax.data import pipeline
 from refseg_jax.evaluation import evaluator as evaluator_lib
 from refseg_jax.evaluation import metrics
@@ -291,3 +292,17 @@ def test_tensorboard_shows_each_evaluations_overlays(full_run):
   saved = Image.open(full_run / 'overlays' / 'validation_step000008.png')
   assert picture.size == saved.size == (int(width), int(height))
   np.testing.assert_array_equal(np.asarray(picture), np.asarray(saved))
+
+
+def test_spotlight_keeps_the_masks_colours_and_outlines_it():
+  image = np.full((8, 10, 3), 200, np.uint8)
+  mask = np.zeros((8, 10), bool)
+  mask[2:6, 3:8] = True
+  out = np.asarray(visualize.spotlight(image, mask, colour=(255, 0, 0),
+                                       dim=0.5))
+  edge = mask & ~np.pad(mask[1:-1, 1:-1] & mask[:-2, 1:-1] & mask[2:, 1:-1]
+                        & mask[1:-1, :-2] & mask[1:-1, 2:], 1)
+  assert edge.sum() == 14  # The 4 x 5 rectangle's border.
+  np.testing.assert_array_equal(out[edge], [[255, 0, 0]] * 14)
+  np.testing.assert_array_equal(out[mask & ~edge], 200)  # Colours kept.
+  np.testing.assert_array_equal(out[~mask], 100)  # The rest dimmed.

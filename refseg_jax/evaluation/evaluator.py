@@ -87,7 +87,8 @@ class Evaluator:
     total, picture = res_metrics.RESMetrics.empty(), None
     for batch in ds.as_numpy_iterator():
       batch_metrics, response = self._step_fn(
-          variables, sharding.global_batch(device_fields(batch), self._sharding))
+          variables,
+          sharding.global_batch(device_fields(batch), self._sharding))
       total = total.merge(batch_metrics)
       if picture is None and config.eval.num_overlays:
         local = multihost_utils.global_array_to_host_local_array(
