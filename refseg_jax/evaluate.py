@@ -42,6 +42,11 @@ def check_splits(requested: Sequence[str], available: Sequence[str]) -> None:
                      f'{list(available)}.')
 
 
+def report_path(workdir: str, output: str | None) -> epath.Path:
+  """Where the report goes: `output`, or WORKDIR/evaluation.json."""
+  return epath.Path(output or epath.Path(workdir) / 'evaluation.json')
+
+
 def evaluate_workdir(workdir: str, checkpoint: str = 'best',
                      splits: Sequence[str] | None = None,
                      output: str | None = None) -> dict[str, Any]:
@@ -63,7 +68,7 @@ def evaluate_workdir(workdir: str, checkpoint: str = 'best',
   check_splits(splits, available)
   evaluator = evaluator_lib.Evaluator(config, trained.task, trained.mesh,
                                       trained.variable_shardings)
-  output = epath.Path(output or trained.workdir / 'evaluation.json')
+  output = report_path(workdir, output)
   if jax.process_index() == 0:
     output.parent.mkdir(parents=True, exist_ok=True)
   report = {}
@@ -96,9 +101,9 @@ def main(argv: Sequence[str]) -> None:
   report = evaluate_workdir(FLAGS.workdir, FLAGS.checkpoint, FLAGS.splits,
                             FLAGS.output)
   if jax.process_index() == 0:
-    output = FLAGS.output or epath.Path(FLAGS.workdir) / 'evaluation.json'
     print(f'{FLAGS.workdir}, {report["checkpoint"]} checkpoint (step '
-          f'{report["step"]}):\n{table(report)}\nWritten: {output}')
+          f'{report["step"]}):\n{table(report)}\nWritten: '
+          f'{report_path(FLAGS.workdir, FLAGS.output)}')
 
 
 FLAGS = flags.FLAGS

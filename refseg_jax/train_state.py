@@ -12,7 +12,6 @@ from __future__ import annotations
 from typing import Any
 
 from flax import struct
-from flax import traverse_util
 from flax.training import train_state
 import jax
 import jax.numpy as jnp
@@ -62,12 +61,7 @@ def _load_model_init(config: ml_collections.ConfigDict, state: TrainState,
   shards.
   """
   variables = {'params': state.params, 'batch_stats': state.batch_stats}
-  loaded = {}
-  for name, converted in convert.load_modules(config.model_init,
-                                              variables).items():
-    for (collection, *rest), value in traverse_util.flatten_dict(
-        converted.variables).items():
-      loaded[(collection, name, *rest)] = value
+  loaded = convert.load_model_tensors(config.model_init, variables)
 
   def pick_from(collection: str):
     def pick(path, current, target_sharding):

@@ -435,6 +435,18 @@ def load_modules(paths: Mapping[str, str | None], variables: Mapping[str, Any]
   return converted
 
 
+def load_model_tensors(paths: Mapping[str, str | None],
+                       variables: Mapping[str, Any]
+                       ) -> dict[tuple[str, ...], np.ndarray]:
+  """`load_modules`' tensors keyed by their path in the whole model:
+  (collection, module name, ...), as `traverse_util.flatten_dict` of the
+  model's variables keys them."""
+  return {(collection, name, *rest): value
+          for name, converted in load_modules(paths, variables).items()
+          for (collection, *rest), value in traverse_util.flatten_dict(
+              converted.variables).items()}
+
+
 def save(variables: Mapping[str, Any], directory: str) -> None:
   """Writes converted variables as an orbax checkpoint `load` reads."""
   with ocp.StandardCheckpointer() as checkpointer:  # Closing waits.
@@ -489,10 +501,7 @@ def write_workdir(config: Any, written: Mapping[str, str],
   # Jitted as training initialises (eager float order differs by an ulp).
   variables = jax.jit(task.init_variables)(jax.random.key(config.seed))
   flat = traverse_util.flatten_dict(variables)
-  for name, converted in load_modules(config.model_init, variables).items():
-    for (collection, *rest), value in traverse_util.flatten_dict(
-        converted.variables).items():
-      flat[(collection, name, *rest)] = value
+  flat.update(load_model_tensors(config.model_init, variables))
   workdir = epath.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   results.write_json(workdir / 'config.json', config.to_dict())
