@@ -12,7 +12,7 @@ setuptools.setup(
                 'text supervision, in JAX/Flax.',
     packages=setuptools.find_packages(include=['refseg_jax', 'refseg_jax.*']),
     package_data={'refseg_jax.data.ref_shapes': ['vocab.txt']},
-    python_requires='>=3.10',
+    python_requires='>=3.11',
     install_requires=[
         'absl-py>=2.5,<3',
         'clu==0.0.12',
@@ -40,16 +40,22 @@ setuptools.setup(
         # 5.x: BertTokenizerFast(vocab=...) (4.x called it vocab_file).
         'transformers>=5.23,<6',
     ],
-    extras_require={'test': [
-        'pytest>=9.2,<10',
-        'pytest-xdist>=3.8,<4',
-        # The checkpoint parity tests' reference models, run on CPU: take
-        # the CPU wheel (--extra-index-url
-        # https://download.pytorch.org/whl/cpu), not GBs of CUDA packages.
-        'torch==2.13.0',
-        # Runs notebooks/quickstart.ipynb (tests/test_notebook.py).
-        'ipykernel>=7.4,<8',
-        'nbclient>=0.11,<0.12',
-        'nbformat>=5.11,<6',
-    ]},
+    extras_require={
+        # Accelerators: JAX's own extras, pinned by jax to the jaxlib (and
+        # libtpu) of the jax installed (docs/launch.md).
+        'tpu': ['jax[tpu]>=0.10.2,<0.11'],
+        'cuda': ['jax[cuda12]>=0.10.2,<0.11'],
+        'test': [
+            'pytest>=9.2,<10',
+            'pytest-xdist>=3.8,<4',
+            # The checkpoint parity tests' reference models, run on CPU: take
+            # the CPU wheel (--extra-index-url
+            # https://download.pytorch.org/whl/cpu), not GBs of CUDA packages.
+            'torch==2.13.0',
+            # Runs notebooks/quickstart.ipynb (tests/test_notebook.py).
+            'ipykernel>=7.4,<8',
+            'nbclient>=0.11,<0.12',
+            'nbformat>=5.11,<6',
+        ],
+    },
 )

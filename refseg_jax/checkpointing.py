@@ -1,6 +1,10 @@
 """Checkpoints (orbax) and preemption.
 
-    WORKDIR/checkpoints/<step>/   the latest train states, resumed from
+    WORKDIR/checkpoints/<step>/   what a run resumes from, three items:
+        state/                    the train state
+        config/                   the config that trained it (JSON)
+        data/process_I-of-N.*     each host's position in its input pipeline
+                                  (if `config.data.checkpoint_iterator`)
     WORKDIR/best/<step>/          params of the best `config.eval.best_split`
                                   mIoU (the variables evaluation applies)
 
@@ -14,11 +18,13 @@ hosts) asks the loop to save the current step and stop.
 
 from __future__ import annotations
 
+import dataclasses
 import signal
 import threading
 from typing import Any, Mapping
 
 from absl import logging
+from clu.data import dataset_iterator
 from etils import epath
 import jax
 import ml_collections
@@ -46,12 +52,73 @@ def _abstract(tree: Any, shardings: Any) -> Any:
       tree, shardings)
 
 
-def restore(manager: ocp.CheckpointManager, state: Any,
-            state_shardings: Any) -> Any:
-  """The manager's latest checkpoint, laid out as `state` (a train state or
-  its shapes) and its shardings."""
-  return manager.restore(manager.latest_step(), args=ocp.args.StandardRestore(
-      _abstract(state, state_shardings)))
+def _host_file(directory: epath.Path) -> epath.Path:
+  return directory / f'process_{jax.process_index()}-of-{jax.process_count()}'
+
+
+class _InputPositionHandler(ocp.CheckpointHandler):
+  """Saves and restores each host's clu `TfDatasetIterator` (tf.data's own
+  iterator checkpoint: the shuffle buffer and where each file is read),
+  one file per process, as grain's orbax handler does for its iterators.
+
+  Synchronous: a tf.data iterator must be saved before it moves on.
+  """
+
+  def save(self, directory: epath.Path, args: 'InputPositionSave') -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    args.iterator.save(_host_file(directory))
+
+  def restore(self, directory: epath.Path, args: 'InputPositionRestore'
+              ) -> dataset_iterator.TfDatasetIterator:
+    args.iterator.restore(_host_file(directory))
+    return args.iterator
+
+
+@ocp.args.register_with_handler(_InputPositionHandler, for_save=True)
+@dataclasses.dataclass
+class InputPositionSave(ocp.args.CheckpointArgs):
+  iterator: dataset_iterator.TfDatasetIterator
+
+
+@ocp.args.register_with_handler(_InputPositionHandler, for_restore=True)
+@dataclasses.dataclass
+class InputPositionRestore(ocp.args.CheckpointArgs):
+  iterator: dataset_iterator.TfDatasetIterator
+
+
+def has_input_position(manager: ocp.CheckpointManager, step: int) -> bool:
+  """Whether checkpoint `step` holds this host's input position (not when
+  saved without it or by another number of hosts)."""
+  path = _host_file(manager.directory / str(step) / 'data')
+  return path.with_name(path.name + '.index').exists()
+
+
+def saved_config(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
+  """The config (as a dict) that checkpoint `step` was trained with."""
+  return manager.restore(step, args=ocp.args.Composite(
+      config=ocp.args.JsonRestore())).config
+
+
+def restore_state(manager: ocp.CheckpointManager, step: int,
+                  state_shapes: Any, state_shardings: Any,
+                  iterator: dataset_iterator.TfDatasetIterator | None = None
+                  ) -> Any:
+  """The train state of checkpoint `step`, placed in `state_shardings`
+  (which may be another mesh's than the saved one's).
+
+  Args:
+    manager: of WORKDIR/checkpoints.
+    step: the step to restore.
+    state_shapes: the train state or its shapes (`jax.eval_shape`).
+    state_shardings: where its arrays go.
+    iterator: if given, moved to this host's saved input position
+      (`has_input_position` must hold).
+  """
+  items = {'state': ocp.args.StandardRestore(
+      _abstract(state_shapes, state_shardings))}
+  if iterator is not None:
+    items['data'] = InputPositionRestore(iterator)
+  return manager.restore(step, args=ocp.args.Composite(**items)).state
 
 
 def _best_mIoU(metrics: Mapping[str, float]) -> float:
@@ -126,15 +193,22 @@ def restore_variables(workdir: epath.Path, checkpoint: str, state: Any,
     if step not in latest.all_steps():
       raise ValueError(f'{workdir / "checkpoints"} has no step {step}; it '
                        f'holds steps {sorted(latest.all_steps())}.')
-    restored = latest.restore(step, args=ocp.args.StandardRestore(
-        _abstract(state, state_shardings)))
+    restored = restore_state(latest, step, state, state_shardings)
   return (restored.eval_variables(),
           'step' if checkpoint.isdigit() else 'latest', step)
 
 
-def save_state(manager: ocp.CheckpointManager, step: int, state: Any) -> None:
-  """Saves the whole train state at `step` (even off the save interval)."""
-  manager.save(step, args=ocp.args.StandardSave(state), force=True)
+def save_state(manager: ocp.CheckpointManager, step: int, state: Any,
+               config: ml_collections.ConfigDict,
+               iterator: dataset_iterator.TfDatasetIterator | None = None
+               ) -> None:
+  """Saves the train state at `step` (even off the save interval), with the
+  config and, if given, this host's input position."""
+  items = {'state': ocp.args.StandardSave(state),
+           'config': ocp.args.JsonSave(config.to_dict())}
+  if iterator is not None:
+    items['data'] = InputPositionSave(iterator)
+  manager.save(step, args=ocp.args.Composite(**items), force=True)
 
 
 def save_best(manager: ocp.CheckpointManager, step: int, state: Any,

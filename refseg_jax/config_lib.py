@@ -10,9 +10,10 @@ config files and `configs/common.py`, not here.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import types
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import ml_collections
 
@@ -76,3 +77,65 @@ def load(spec: str) -> ml_collections.ConfigDict:
   """
   path, _, arg = spec.partition(':')
   return _import_path(path, '_refseg_config').get_config(arg or None)
+
+
+# Keys (dotted, or a prefix of them) that change neither the model, nor the
+# data, nor the optimisation: how often to log, save and evaluate, where the
+# data lives, how arrays are laid out over devices, and where pretrained
+# weights came from (a resumed run does not read them again).
+RESUME_SAFE_KEYS = ('checkpoint_every_steps', 'keep_checkpoints',
+                    'log_every_steps', 'eval', 'mesh', 'fsdp_axis',
+                    'fsdp_min_size', 'model_init', 'data.data_dir',
+                    'data.prepare', 'data.checkpoint_iterator',
+                    'data.eval_mask_size')
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
+  """{'a': {'b': 1}} -> {'a.b': 1}; values as JSON has them (lists)."""
+  flat = {}
+  for key, value in json.loads(json.dumps(dict(tree), default=str)).items():
+    if isinstance(value, dict) and value:
+      flat.update(flatten(value, f'{prefix}{key}.'))
+    else:
+      flat[f'{prefix}{key}'] = value
+  return flat
+
+
+def _is_safe(key: str) -> bool:
+  return any(key == k or key.startswith(k + '.') for k in RESUME_SAFE_KEYS)
+
+
+def check_resume(saved: Mapping[str, Any], config: ml_collections.ConfigDict,
+                 accepted: Sequence[str] = (), where: str = 'the checkpoint'
+                 ) -> dict[str, tuple[Any, Any]]:
+  """The changes from a checkpoint's config to the resuming `config`.
+
+  Args:
+    saved: the config the checkpoint was trained with (a dict).
+    config: the config resuming it.
+    accepted: keys whose change the user takes deliberately
+      (`--accept_config_change`).
+    where: the checkpoint, for messages.
+
+  Returns:
+    {key: (saved value, new value)} of every changed key.
+
+  Raises:
+    ValueError: naming each changed key that changes the model, the data
+      or the optimisation (not in `RESUME_SAFE_KEYS`) and is not accepted.
+  """
+  old, new = flatten(saved), flatten(config.to_dict())
+  changes = {key: (old.get(key), new.get(key))
+             for key in sorted(set(old) | set(new))
+             if old.get(key) != new.get(key)}
+  refused = [key for key in changes
+             if not _is_safe(key) and key not in accepted]
+  if refused:
+    listing = '; '.join(f'{key}: {changes[key][0]!r} -> {changes[key][1]!r}'
+                        for key in refused)
+    raise ValueError(
+        f'The config differs from the one {where} was trained with in '
+        f'{listing}. Those change the model, the data or the optimisation; '
+        f'to resume with them anyway, pass --accept_config_change='
+        f'{",".join(refused)}; or start in a new --workdir.')
+  return changes

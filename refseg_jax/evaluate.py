@@ -27,6 +27,7 @@ import jax
 
 from refseg_jax import results
 from refseg_jax import trained as trained_lib
+from refseg_jax import visualize
 from refseg_jax.data import pipeline
 from refseg_jax.evaluation import evaluator as evaluator_lib
 from refseg_jax.evaluation import metrics
@@ -76,8 +77,8 @@ def evaluate_workdir(workdir: str, checkpoint: str = 'best',
     report[split], picture = evaluator.evaluate(trained.variables, split)
     logging.info('%s: %s', split, report[split])
     if picture is not None and jax.process_index() == 0:
-      with output.with_name(f'{output.stem}_{split}.png').open('wb') as f:
-        picture.save(f, format='PNG')
+      visualize.write_png(picture,
+                          output.with_name(f'{output.stem}_{split}.png'))
   report.update(step=trained.step, checkpoint=trained.checkpoint,
                 provenance=results.provenance(config))
   if jax.process_index() == 0:

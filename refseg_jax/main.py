@@ -35,7 +35,8 @@ def main(argv):
                                FLAGS.process_id)
   logging.info('JAX: %d hosts, %d devices (%s).', jax.process_count(),
                jax.device_count(), jax.devices()[0].platform)
-  train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  train.train_and_evaluate(FLAGS.config, FLAGS.workdir,
+                           FLAGS.accept_config_change)
 
 
 if __name__ == '__main__':
@@ -46,6 +47,10 @@ if __name__ == '__main__':
       lock_config=True)
   flags.DEFINE_string(
       'workdir', None, 'Checkpoints, logs and results; a run resumes from it.')
+  flags.DEFINE_list(
+      'accept_config_change', [], 'Config keys that may differ from the '
+      "resumed checkpoint's config although they change the model, the "
+      'data or the optimisation (any other change is refused by name).')
   flags.DEFINE_bool(
       'distributed', False, 'Call jax.distributed.initialize() with the '
       "cluster's auto-detected settings.")

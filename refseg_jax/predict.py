@@ -217,7 +217,6 @@ def write_outputs(pixels: np.ndarray, predictions: Sequence[Prediction],
                   output: epath.Path) -> list[epath.Path]:
   """Writes `NN_mask.png` and `NN_overlay.png` (the sentence underneath)
   per sentence; returns their paths."""
-  output.mkdir(parents=True, exist_ok=True)
   written = []
   for i, prediction in enumerate(predictions):
     for name, picture in (
@@ -225,9 +224,7 @@ def write_outputs(pixels: np.ndarray, predictions: Sequence[Prediction],
          Image.fromarray(prediction.mask.astype(np.uint8) * 255)),
         (f'{i:02d}_overlay.png', visualize.with_caption(
             overlay_picture(pixels, prediction), prediction.text))):
-      with (output / name).open('wb') as f:
-        picture.save(f, format='PNG')
-      written.append(output / name)
+      written.append(visualize.write_png(picture, output / name))
   return written
 
 

@@ -15,20 +15,23 @@ What `workdir` ends up holding:
     config.json, results.json, eval_history.json   (`results`)
     events.out.tfevents*  TensorBoard scalars and overlays (clu writers)
 
-A resumed run continues from the latest checkpoint at the same step on the
-same data order (the pipeline skips the batches already seen), so N steps
-+ resume + N steps equal 2N uninterrupted steps. SIGTERM (preemption) saves
-a checkpoint at the current step and returns cleanly; a non-finite loss
-stops the run with an error naming the step.
+A resumed run continues from the latest checkpoint at the same step, each
+host at the input position the checkpoint saved, so N steps + resume + N
+steps equal 2N uninterrupted steps; on any mesh (orbax reshards); and only
+if the config still trains the same thing (`config_lib.check_resume`).
+Only process 0 writes files other than checkpoints. SIGTERM (preemption)
+saves a checkpoint at the current step and returns cleanly; a non-finite
+loss stops the run with an error naming the step.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 from absl import logging
 from clu import metric_writers
+from clu.data import dataset_iterator
 from clu import periodic_actions
 from etils import epath
 import jax
@@ -39,11 +42,13 @@ import orbax.checkpoint as ocp
 from PIL import Image
 
 from refseg_jax import checkpointing
+from refseg_jax import config_lib
 from refseg_jax import optimizer
 from refseg_jax import results
 from refseg_jax import sharding
 from refseg_jax import tasks
 from refseg_jax import train_state
+from refseg_jax import visualize
 from refseg_jax.data import build
 from refseg_jax.data import pipeline
 from refseg_jax.evaluation import evaluator as evaluator_lib
@@ -149,10 +154,8 @@ def _log_eval(writer, step: int, split: str, values: Mapping[str, float],
                          {'step': step, 'split': split, **values})
   if picture is not None:
     writer.write_images(step, {f'{split}/overlays': np.asarray(picture)[None]})
-    directory = workdir / 'overlays'
-    directory.mkdir(parents=True, exist_ok=True)
-    with (directory / f'{split}_step{step:06d}.png').open('wb') as f:
-      picture.save(f, format='PNG')
+    visualize.write_png(picture,
+                        workdir / 'overlays' / f'{split}_step{step:06d}.png')
 
 
 # --------------------------------------------------------------- evaluation
@@ -173,17 +176,62 @@ def _evaluate(evaluator: evaluator_lib.Evaluator, state, step: int,
 
 # --------------------------------------------------------------------- loop
 
-def _host_batches(ds) -> Iterator[dict[str, np.ndarray]]:
-  return iter(ds.as_numpy_iterator())
+def _start_or_resume(config: ml_collections.ConfigDict, task: base.Task,
+                     mesh: jax.sharding.Mesh, latest: ocp.CheckpointManager,
+                     accept_config_changes: Sequence[str]
+                     ) -> tuple[train_state.TrainState, Any,
+                                dataset_iterator.TfDatasetIterator]:
+  """(train state, its shardings, this host's batches): fresh, or from the
+  latest checkpoint.
+
+  A resumed state is read straight into this mesh's shardings (any mesh:
+  orbax reshards), without initialising or reading pretrained weights, and
+  only after its config was checked against `config`. The batches continue
+  where the checkpoint left them; a checkpoint without this host's input
+  position (saved without it, or by another number of hosts) is continued
+  by skipping the batches already trained on.
+  """
+  step = latest.latest_step()
+  if step is None:
+    state, shardings = train_state.create(config, task, mesh)
+  else:
+    changes = config_lib.check_resume(
+        checkpointing.saved_config(latest, step), config,
+        accept_config_changes, where=f'{latest.directory}/{step}')
+    for key, (old, new) in changes.items():
+      logging.warning('Resuming with config %s = %r (the checkpoint has %r).',
+                      key, new, old)
+    state, shardings = train_state.shapes_and_shardings(config, task, mesh)
+  restore_input = (step is not None and config.data.checkpoint_iterator and
+                   checkpointing.has_input_position(latest, step))
+  if step is not None and config.data.checkpoint_iterator and not restore_input:
+    logging.warning('%s/%d holds no input position for process %d of %d: '
+                    'skipping %d batches instead.', latest.directory, step,
+                    jax.process_index(), jax.process_count(), step)
+  batches = dataset_iterator.TfDatasetIterator(
+      pipeline.train_dataset(
+          config.data, task.supervision, config.batch_size, config.seed,
+          jax.process_index(), jax.process_count(),
+          skip_batches=0 if step is None or restore_input else step),
+      checkpoint=config.data.checkpoint_iterator)
+  if step is not None:
+    state = checkpointing.restore_state(
+        latest, step, state, shardings, batches if restore_input else None)
+    logging.info('Resumed from %s at step %d.', latest.directory, step)
+  return state, shardings, batches
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict,
-                       workdir: str) -> train_state.TrainState:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       accept_config_changes: Sequence[str] = ()
+                       ) -> train_state.TrainState:
   """Trains (resuming from `workdir` if it holds a checkpoint) and evaluates.
 
   Args:
     config: a training config (`configs/*.py`).
     workdir: a local or remote (e.g. gs://) directory, shared by all hosts.
+    accept_config_changes: config keys that may differ from the resumed
+      checkpoint's config although they change the training
+      (`config_lib.check_resume`).
 
   Returns:
     The final (or, after SIGTERM, the last saved) train state.
@@ -191,16 +239,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   workdir = epath.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   if config.data.prepare:
-    build.build(config.data.name, config.data.data_dir)
+    build.build_on_first_host(config.data.name, config.data.data_dir)
   mesh = sharding.make_mesh(config.mesh)
   tokenizer = pipeline.load_tokenizer(config.data.tokenizer, config.data.name)
   task = tasks.build(config, tokenizer.vocab_size)
-  state, state_shardings = train_state.create(config, task, mesh)
   latest, best = checkpointing.managers(workdir, config)
-  if latest.latest_step() is not None:
-    state = checkpointing.restore(latest, state, state_shardings)
-    logging.info('Resumed from %s at step %d.', latest.directory,
-                 int(state.step))
+  state, state_shardings, batches = _start_or_resume(
+      config, task, mesh, latest, accept_config_changes)
   start_step = int(state.step)
   if start_step >= config.total_steps:
     logging.info('%s is already trained to step %d; nothing to do.',
@@ -220,9 +265,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
                config.task, dict(mesh.shape), num_params, jax.device_count(),
                jax.process_count())
 
-  batches = _host_batches(pipeline.train_dataset(
-      config.data, task.supervision, config.batch_size, config.seed,
-      jax.process_index(), jax.process_count(), skip_batches=start_step))
   batch_sharding = sharding.batch_sharding(mesh)
   train_step = make_train_step(config, task, mesh, state_shardings)
   evaluator = evaluator_lib.Evaluator(config, task, mesh,
@@ -231,6 +273,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       num_train_steps=config.total_steps, writer=writer,
       every_steps=config.log_every_steps)
   watcher = checkpointing.PreemptionWatcher()
+  saved_input = batches if config.data.checkpoint_iterator else None
 
   try:
     pending, window = None, _TrainWindow(config.batch_size)
@@ -263,10 +306,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
 
       if is_last or step % config.checkpoint_every_steps == 0:
         _check_finite(*pending)
-        checkpointing.save_state(latest, step, state)
+        checkpointing.save_state(latest, step, state, config, saved_input)
       elif watcher.should_stop(step, latest):
         _check_finite(*pending)
-        checkpointing.save_state(latest, step, state)
+        checkpointing.save_state(latest, step, state, config, saved_input)
         logging.warning('Preempted: saved step %d in %s; exiting.', step,
                         latest.directory)
         break

@@ -4,12 +4,23 @@ from __future__ import annotations
 
 from typing import Mapping, Sequence
 
+from etils import epath
 import numpy as np
 from PIL import Image, ImageDraw
 
 # Ground truth in green, predictions in red (where both: yellow-ish).
 TRUE_COLOUR = (0, 220, 0)
 PREDICTED_COLOUR = (255, 40, 40)
+
+
+def write_png(picture: Image.Image, path: epath.PathLike) -> epath.Path:
+  """Writes `picture` as a PNG at `path`, local or remote (gs://), creating
+  its directory; returns the path."""
+  path = epath.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  with path.open('wb') as f:
+    picture.save(f, format='PNG')
+  return path
 
 
 def overlay(image: np.ndarray, masks: Sequence[tuple[np.ndarray, tuple]],

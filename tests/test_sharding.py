@@ -82,8 +82,7 @@ def test_two_processes_on_loopback_build_one_global_batch():
   worker = pathlib.Path(__file__).with_name('multihost_worker.py')
   env = dict(os.environ, PYTHONPATH=str(worker.parents[1]))
   env.pop('XLA_FLAGS', None)
-  processes = [subprocess.Popen([sys.executable, str(worker), str(i), port,
-                                 'batch'],
+  processes = [subprocess.Popen([sys.executable, str(worker), str(i), port],
                                 stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, env=env)
                for i in range(2)]

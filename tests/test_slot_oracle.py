@@ -6,6 +6,7 @@ import pathlib
 import numpy as np
 import orbax.checkpoint as ocp
 
+from refseg_jax import checkpointing
 from refseg_jax import config_lib
 from refseg_jax import sharding
 from refseg_jax import tasks
@@ -65,7 +66,7 @@ def test_oracle_model_columns_agree_with_the_trainers_evaluation(
   # The initial state, saved as a run's checkpoint (the scores need not be
   # good, only the same as the trainer's).
   with ocp.CheckpointManager(tmp_path / 'checkpoints') as manager:
-    manager.save(0, args=ocp.args.StandardSave(state))
+    checkpointing.save_state(manager, 0, state, config)
   expected, _ = evaluator.Evaluator(
       config, task, mesh, state_shardings.eval_variables()).evaluate(
           state.eval_variables(), 'validation')

@@ -14,6 +14,8 @@ import time
 from absl import app
 from absl import flags
 from absl import logging
+import jax
+from jax.experimental import multihost_utils
 import tensorflow_datasets as tfds
 
 # pylint: disable=unused-import
@@ -47,9 +49,36 @@ def build(name: str, data_dir: str | None = None,
         f'--dataset={name} --manual_dir=DIR'
         + (f' --data_dir={data_dir}' if data_dir else '')
         + f'\nwith DIR laid out as:\n{builder.MANUAL_DOWNLOAD_INSTRUCTIONS}')
+  if not builder.is_prepared():
+    logging.info('Building %s in %s.', name, builder.data_dir)
   builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
       try_download_gcs=False, manual_dir=manual_dir))
   return builder
+
+
+def build_on_first_host(name: str, data_dir: str | None = None) -> None:
+  """`build` on process 0 only; the other hosts wait for it.
+
+  Several hosts building one dataset at once would race on its files, so
+  they meet at a barrier once process 0 is done, then check that they see
+  what it built: `data_dir` must be shared by every host (e.g. gs://).
+
+  Raises:
+    FileNotFoundError: on a host that does not see the built dataset.
+  """
+  if jax.process_index() == 0:
+    build(name, data_dir)
+  if jax.process_count() == 1:
+    return
+  if jax.process_index() > 0:
+    logging.info('Waiting for process 0 to prepare %s.', name)
+  multihost_utils.sync_global_devices(f'refseg_jax: {name} prepared')
+  builder = tfds.builder(name, data_dir=data_dir)
+  if not builder.is_prepared():
+    raise FileNotFoundError(
+        f'Process 0 prepared {name} in {builder.data_dir}, but process '
+        f'{jax.process_index()} does not see it there: config.data.data_dir '
+        'must be a directory every host shares (e.g. gs://BUCKET/tfds).')
 
 
 def main(argv):

@@ -33,7 +33,7 @@ def main(argv):
   examples = tfds.as_numpy(builder.as_dataset(split=flags.FLAGS.split))
   grid = visualize.captioned_grid(list(panels(examples, flags.FLAGS.num)),
                                   columns=4)
-  grid.save(flags.FLAGS.out)
+  visualize.write_png(grid, flags.FLAGS.out)
   print(f'Wrote {flags.FLAGS.out}')
 
 
