@@ -56,6 +56,8 @@ setuptools.setup(
             'ipykernel>=7.4,<8',
             'nbclient>=0.11,<0.12',
             'nbformat>=5.11,<6',
+            # One tiny trained workdir shared by the xdist workers.
+            'filelock>=4.3,<5',
         ],
     },
 )

@@ -19,6 +19,7 @@ else:
   _OWN_COMPILATION_CACHE = tempfile.mkdtemp(prefix='refseg_jax_tests_xla_')
   os.environ['JAX_COMPILATION_CACHE_DIR'] = _OWN_COMPILATION_CACHE
 
+import filelock  # pylint: disable=g-import-not-at-top
 import pytest  # pylint: disable=g-import-not-at-top
 
 from refseg_jax import config_lib  # pylint: disable=g-import-not-at-top
@@ -29,12 +30,14 @@ TINY = 'ref_shapes/tiny'
 REPO = pathlib.Path(__file__).parents[1]
 
 
-# The longest files first (measured, in seconds of one worker): with
-# `--dist loadfile` the two xdist workers take files in collection order, so
-# a long file collected last would run alone at the end.
-_LONGEST_FIRST = ('test_train.py', 'test_evaluate_predict.py',
-                  'test_supervision_benchmark.py', 'test_multihost.py',
-                  'test_pks.py', 'test_refcoco.py', 'test_notebook.py')
+# The longest files first: with `--dist loadfile` the two xdist workers
+# take files in collection order, so a long file collected last would run
+# alone at the end. test_evaluate_predict.py comes once test_train.py has
+# had time to train `tiny_full_run`, which both use (else its worker would
+# wait for the lock with nothing to do).
+_LONGEST_FIRST = ('test_train.py', 'test_multihost.py', 'test_notebook.py',
+                  'test_refcoco.py', 'test_evaluate_predict.py', 'test_pks.py',
+                  'test_configs.py', 'test_sag.py')
 
 
 def pytest_collection_modifyitems(items):
@@ -75,6 +78,26 @@ def tiny_config(tiny_data_dir):
   config.expressions_per_image = 0
   config.shuffle_buffer = 64
   return config
+
+
+@pytest.fixture(scope='session')
+def tiny_full_run(tiny_data_dir, tmp_path_factory, worker_id):
+  """A workdir of `test_train.tiny_train_config` trained 8 steps and
+  evaluated: trained once for the whole session, across xdist workers
+  (the first to ask trains it under a file lock, the other waits for it).
+  Tests only read it (and may add evaluation reports)."""
+  from test_train import tiny_train_config  # pylint: disable=g-import-not-at-top
+  from refseg_jax import train  # pylint: disable=g-import-not-at-top
+  # xdist workers' temp dirs share this session's parent; without xdist the
+  # parent is shared by every session, so the session's own dir is used.
+  root = tmp_path_factory.getbasetemp()
+  if worker_id != 'master':
+    root = root.parent
+  workdir = root / 'tiny_full_run'
+  with filelock.FileLock(str(root / 'tiny_full_run.lock')):
+    if not (workdir / 'results.json').exists():
+      train.train_and_evaluate(tiny_train_config(tiny_data_dir), str(workdir))
+  return workdir
 
 
 @pytest.fixture(scope='session')

@@ -1,6 +1,6 @@
 """Using a trained workdir: `refseg_jax.evaluate` and `refseg_jax.predict`.
 
-One tiny full-supervision run (8 steps, as `test_train`'s) is evaluated and
+The session's tiny full-supervision run (`tiny_full_run`) is evaluated and
 predicted on; click and text models are checked on workdirs of freshly
 initialised variables (`convert.write_workdir` with nothing converted).
 """
@@ -22,29 +22,19 @@ from refseg_jax import config_lib
 from refseg_jax import evaluate
 from refseg_jax import predict
 from refseg_jax import results
-from refseg_jax import train
 from refseg_jax import trained as trained_lib
 from refseg_jax import visualize
 from refseg_jax.data import pipeline
 from refseg_jax.evaluation import evaluator as evaluator_lib
 from refseg_jax.evaluation import metrics
 from refseg_jax.models import convert
-from test_train import tiny_train_config
 
 REPO = pathlib.Path(__file__).parents[1]
 
 
 @pytest.fixture(scope='module')
-def full_run(tiny_data_dir, tmp_path_factory):
-  """A workdir trained 8 steps on the tiny ref_shapes, evaluated at the end."""
-  workdir = tmp_path_factory.mktemp('full_run')
-  train.train_and_evaluate(tiny_train_config(tiny_data_dir), str(workdir))
-  return workdir
-
-
-@pytest.fixture(scope='module')
-def predictor(full_run):
-  return predict.Predictor.from_workdir(str(full_run), 'latest')
+def predictor(tiny_full_run):
+  return predict.Predictor.from_workdir(str(tiny_full_run), 'latest')
 
 
 @pytest.fixture(scope='module')
@@ -66,10 +56,10 @@ def validation_examples(tiny_data_dir):
 
 # ------------------------------------------------------------------ evaluate
 
-def test_evaluate_reproduces_the_runs_results(full_run, tmp_path):
-  saved = json.loads((full_run / 'results.json').read_text())
+def test_evaluate_reproduces_the_runs_results(tiny_full_run, tmp_path):
+  saved = json.loads((tiny_full_run / 'results.json').read_text())
   output = tmp_path / 'eval' / 'report.json'
-  report = evaluate.evaluate_workdir(str(full_run), 'latest', ['validation'],
+  report = evaluate.evaluate_workdir(str(tiny_full_run), 'latest', ['validation'],
                                      str(output))
   assert report['step'] == saved['step'] == 8
   assert report['checkpoint'] == 'latest'
@@ -79,42 +69,42 @@ def test_evaluate_reproduces_the_runs_results(full_run, tmp_path):
   assert (tmp_path / 'eval' / 'report_validation.png').exists()
   # The best checkpoint is the last step's (one evaluation): the same
   # figures, now with every split and the default output.
-  best = evaluate.evaluate_workdir(str(full_run))
+  best = evaluate.evaluate_workdir(str(tiny_full_run))
   assert best['checkpoint'] == 'best' and best['step'] == 8
   assert best['validation'] == report['validation']
   assert {'validation', 'test', 'test_novel'} <= set(best)
-  assert json.loads((full_run / 'evaluation.json').read_text())[
+  assert json.loads((tiny_full_run / 'evaluation.json').read_text())[
       'test_novel'] == best['test_novel']
   row = evaluate.table(best).splitlines()[2]
   assert row.startswith(f'| validation | 160 | '
                         f'{100 * saved["validation"]["mIoU"]:.2f} |')
 
 
-def test_evaluate_command_prints_the_table(full_run, tmp_path):
+def test_evaluate_command_prints_the_table(tiny_full_run, tmp_path):
   output = tmp_path / 'command.json'
   done = subprocess.run(
-      [sys.executable, '-m', 'refseg_jax.evaluate', f'--workdir={full_run}',
+      [sys.executable, '-m', 'refseg_jax.evaluate', f'--workdir={tiny_full_run}',
        '--checkpoint=8', '--splits=validation', f'--output={output}'],
       capture_output=True, text=True, cwd=REPO, check=False)
   assert done.returncode == 0, done.stderr[-3000:]
-  saved = json.loads((full_run / 'results.json').read_text())['validation']
+  saved = json.loads((tiny_full_run / 'results.json').read_text())['validation']
   assert f'| validation | 160 | {100 * saved["mIoU"]:.2f} |' in done.stdout
   assert json.loads(output.read_text())['checkpoint'] == 'step'
 
 
-def test_evaluate_bad_input_is_named(full_run, tmp_path):
+def test_evaluate_bad_input_is_named(tiny_full_run, tmp_path):
   with pytest.raises(ValueError, match=r"Unknown split\(s\) \['val'\]; the "
                      r"dataset has \['validation', 'test', 'test_novel'\]"):
-    evaluate.evaluate_workdir(str(full_run), 'latest', ['val'])
+    evaluate.evaluate_workdir(str(tiny_full_run), 'latest', ['val'])
   with pytest.raises(ValueError, match=r'has no step 5; it holds steps '
                      r'\[4, 8\]'):
-    evaluate.evaluate_workdir(str(full_run), '5')
+    evaluate.evaluate_workdir(str(tiny_full_run), '5')
   with pytest.raises(ValueError, match="'newest': expected best, latest"):
-    evaluate.evaluate_workdir(str(full_run), 'newest')
+    evaluate.evaluate_workdir(str(tiny_full_run), 'newest')
   with pytest.raises(FileNotFoundError, match='config.json does not exist'):
     evaluate.evaluate_workdir(str(tmp_path))
   # A config without checkpoints, and one the code cannot build any more.
-  config = json.loads((full_run / 'config.json').read_text())
+  config = json.loads((tiny_full_run / 'config.json').read_text())
   results.write_json(tmp_path / 'config.json', config)
   with pytest.raises(FileNotFoundError, match='No checkpoint in'):
     evaluate.evaluate_workdir(str(tmp_path), 'latest')
@@ -133,7 +123,7 @@ def _iou(pred: np.ndarray, true: np.ndarray) -> float:
   return (pred & true).sum() / union if union else 1.0
 
 
-def test_predictions_score_what_evaluation_scores(predictor, full_run,
+def test_predictions_score_what_evaluation_scores(predictor, tiny_full_run,
                                                   validation_examples):
   """Every validation expression predicted one image at a time: the mIoU
   is the run's."""
@@ -143,7 +133,7 @@ def test_predictions_score_what_evaluation_scores(predictor, full_run,
       assert prediction.mask.shape == mask.shape
       np.testing.assert_array_equal(prediction.mask, prediction.response > 0)
       ious.append(_iou(prediction.mask, mask))
-  saved = json.loads((full_run / 'results.json').read_text())['validation']
+  saved = json.loads((tiny_full_run / 'results.json').read_text())['validation']
   assert len(ious) == saved['num_expressions'] == 160
   assert np.mean(ious) == pytest.approx(saved['mIoU'], abs=1e-6)
   # Compiled once per sentence count (the images share one size).
@@ -239,12 +229,12 @@ def test_predict_input_conversions_and_errors(predictor, validation_examples,
                                 truncated.response)
 
 
-def test_predict_command_writes_masks_and_overlays(full_run, predictor,
+def test_predict_command_writes_masks_and_overlays(tiny_full_run, predictor,
                                                    tmp_path):
   image = np.random.default_rng(1).integers(0, 255, (48, 80, 3), np.uint8)
   Image.fromarray(image).save(tmp_path / 'mine.jpg')
   done = subprocess.run(
-      [sys.executable, '-m', 'refseg_jax.predict', f'--workdir={full_run}',
+      [sys.executable, '-m', 'refseg_jax.predict', f'--workdir={tiny_full_run}',
        f'--image={tmp_path / "mine.jpg"}', '--text=the red circle',
        '--text=a star', f'--output={tmp_path / "out"}'],
       capture_output=True, text=True, cwd=REPO, check=False)
@@ -278,18 +268,18 @@ def test_click_and_text_models_predict(config_file, tiny_data_dir, tmp_path):
   assert (first.box is not None) == has_position
 
 
-def test_tensorboard_shows_each_evaluations_overlays(full_run):
+def test_tensorboard_shows_each_evaluations_overlays(tiny_full_run):
   """The overlay picture of an evaluation is in TensorBoard too (clu's
   writer, the 'validation/overlays' image at the step)."""
   events = event_accumulator.EventAccumulator(
-      str(full_run), size_guidance={event_accumulator.TENSORS: 0}).Reload()
+      str(tiny_full_run), size_guidance={event_accumulator.TENSORS: 0}).Reload()
   assert 'validation/overlays' in events.Tags()['tensors']
   (event,) = events.Tensors('validation/overlays')
   assert event.step == 8
   # An image summary: width, height, then the PNG.
   width, height, png = event.tensor_proto.string_val
   picture = Image.open(io.BytesIO(png))
-  saved = Image.open(full_run / 'overlays' / 'validation_step000008.png')
+  saved = Image.open(tiny_full_run / 'overlays' / 'validation_step000008.png')
   assert picture.size == saved.size == (int(width), int(height))
   np.testing.assert_array_equal(np.asarray(picture), np.asarray(saved))
 

@@ -211,23 +211,14 @@ def _start_main_until_checkpoint(workdir: pathlib.Path, data_dir: str,
   return process
 
 
-@pytest.fixture(scope='module')
-def uninterrupted_run(train_config, tmp_path_factory):
-  workdir = tmp_path_factory.mktemp('uninterrupted')
-  config = train_config.copy_and_resolve_references()
-  config.total_steps = 8
-  train.train_and_evaluate(config, str(workdir))
-  return workdir
-
-
-def test_run_writes_results_overlays_and_best(uninterrupted_run):
-  results = json.loads((uninterrupted_run / 'results.json').read_text())
+def test_run_writes_results_overlays_and_best(tiny_full_run):
+  results = json.loads((tiny_full_run / 'results.json').read_text())
   assert results['step'] == 8
   assert set(results) == {'validation', 'step', 'provenance'}
   # What produced it: the seed, the config (as config.json holds it), the
   # code and library versions, the hardware.
   config = ml_collections.ConfigDict(
-      json.loads((uninterrupted_run / 'config.json').read_text()))
+      json.loads((tiny_full_run / 'config.json').read_text()))
   provenance = results['provenance']
   assert provenance['seed'] == config.seed == 0
   assert provenance['config_sha256'] == results_lib.config_hash(config)
@@ -245,28 +236,33 @@ def test_run_writes_results_overlays_and_best(uninterrupted_run):
   for key in ('mIoU', 'oIoU', 'prec@0.5', 'prec@0.9', 'PointM'):
     assert 0.0 <= validation[key] <= 1.0
   assert validation['prec@0.5'] >= validation['prec@0.9']
-  assert (uninterrupted_run / 'overlays' / 'validation_step000008.png').exists()
-  with ocp.CheckpointManager(uninterrupted_run / 'best') as best:
+  assert (tiny_full_run / 'overlays' / 'validation_step000008.png').exists()
+  with ocp.CheckpointManager(tiny_full_run / 'best') as best:
     assert best.best_step() == 8
-  _, step = _restore_params(uninterrupted_run, 8)
+  _, step = _restore_params(tiny_full_run, 8)
   assert step == 8
 
 
-def test_kill_and_resume_equals_uninterrupted(uninterrupted_run, tmp_path,
+def test_kill_and_resume_equals_uninterrupted(tiny_full_run, tmp_path,
                                               train_config, monkeypatch):
   """8 steps = 4 steps + SIGKILL + resume from the step-4 checkpoint +
   4 steps, bit for bit (same data order, dropout keys and optimizer
   state). The resumed run reads the state straight from the checkpoint: it
   neither initialises nor reads pretrained weights again."""
   workdir = tmp_path / 'interrupted'
+  # The data dir the shared run read (another xdist worker's, maybe): the
+  # config, and so results.json's provenance, must be the same.
+  data_dir = json.loads((tiny_full_run / 'config.json').read_text())[
+      'data']['data_dir']
   process = _start_main_until_checkpoint(
-      workdir, train_config.data.data_dir, 4, '--config.total_steps=8')
+      workdir, data_dir, 4, '--config.total_steps=8')
   process.kill()
   process.wait()
   assert not (workdir / 'checkpoints' / '8').exists()
   assert not (workdir / 'results.json').exists()
   config = train_config.copy_and_resolve_references()
   config.total_steps = 8
+  config.data.data_dir = data_dir
 
   def must_not_initialise(*args, **kwargs):
     raise AssertionError('A resumed run initialised the train state.')
@@ -274,32 +270,39 @@ def test_kill_and_resume_equals_uninterrupted(uninterrupted_run, tmp_path,
   monkeypatch.setattr(train_state, 'create', must_not_initialise)
   train.train_and_evaluate(config, str(workdir))
   resumed, step = _restore_params(workdir, 8)
-  expected, _ = _restore_params(uninterrupted_run, 8)
+  expected, _ = _restore_params(tiny_full_run, 8)
   assert step == 8
   jax.tree.map(np.testing.assert_array_equal, resumed, expected)
   assert (json.loads((workdir / 'results.json').read_text())
-          == json.loads((uninterrupted_run / 'results.json').read_text()))
+          == json.loads((tiny_full_run / 'results.json').read_text()))
 
 
 def test_sigterm_saves_a_restorable_checkpoint_and_exits(tmp_path,
                                                          train_config):
   workdir = tmp_path / 'preempted'
+  # The tiny run's own 8 steps (its compiled steps are in JAX's cache): the
+  # signal, sent when step 2's checkpoint is complete, arrives well before
+  # step 8's evaluation ends.
   process = _start_main_until_checkpoint(
-      workdir, train_config.data.data_dir, 2, '--config.total_steps=100000')
+      workdir, train_config.data.data_dir, 2, '--config.total_steps=8')
   process.send_signal(signal.SIGTERM)
   output = process.communicate(timeout=120)[0]
   assert process.returncode == 0, output
   assert 'Preempted: saved step' in output
   with ocp.CheckpointManager(workdir / 'checkpoints') as manager:
     last = manager.latest_step()
-  assert 2 <= last < 100000
+  assert 2 <= last < 8
   _, step = _restore_params(workdir, last)
   assert step == last
 
 
-def test_non_finite_loss_stops_naming_the_step(train_config, tmp_path):
-  config = train_config.copy_and_resolve_references()
-  config.loss.box = float('nan')
+def test_non_finite_loss_stops_naming_the_step(train_config, tmp_path,
+                                               monkeypatch):
+  # NaN boxes in the data (the tiny run's own train step, compiled once).
+  original = pipeline.train_dataset
+  monkeypatch.setattr(pipeline, 'train_dataset', lambda *args, **kwargs: (
+      original(*args, **kwargs).map(
+          lambda batch: dict(batch, box=batch['box'] * float('nan')))))
   with pytest.raises(FloatingPointError, match='loss nan at step 1'):
-    train.train_and_evaluate(config, str(tmp_path))
+    train.train_and_evaluate(train_config, str(tmp_path))
   assert not (tmp_path / 'checkpoints' / '4').exists()
