@@ -20,6 +20,7 @@ else:
   os.environ['JAX_COMPILATION_CACHE_DIR'] = _OWN_COMPILATION_CACHE
 
 import filelock  # pylint: disable=g-import-not-at-top
+import jax  # pylint: disable=g-import-not-at-top
 import pytest  # pylint: disable=g-import-not-at-top
 
 from refseg_jax import config_lib  # pylint: disable=g-import-not-at-top
@@ -98,6 +99,22 @@ def tiny_full_run(tiny_data_dir, tmp_path_factory, worker_id):
     if not (workdir / 'results.json').exists():
       train.train_and_evaluate(tiny_train_config(tiny_data_dir), str(workdir))
   return workdir
+
+
+# The environment variable of `jax_disable_most_optimizations`, for
+# subprocesses.
+FAST_COMPILE_ENV = {'JAX_DISABLE_MOST_OPTIMIZATIONS': '1'}
+
+
+@pytest.fixture
+def fast_compile():
+  """XLA with most optimisations off for the test: compilations take about
+  40 % less CPU time; for tests that check whether a run works, or compare
+  runs compiled alike (subprocesses: `FAST_COMPILE_ENV`)."""
+  before = jax.config.read('jax_disable_most_optimizations')
+  jax.config.update('jax_disable_most_optimizations', True)
+  yield
+  jax.config.update('jax_disable_most_optimizations', before)
 
 
 @pytest.fixture(scope='session')

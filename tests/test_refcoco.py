@@ -17,7 +17,6 @@ import re
 import shutil
 import struct
 
-import jax
 import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
@@ -447,19 +446,7 @@ def test_check_flags_every_mismatch(data_dir, capsys):
   assert 'MISMATCH' not in lines[2]
 
 
-@contextlib.contextmanager
-def _fast_compile():
-  """XLA with most optimisations off: this run's three compilations (init,
-  train step, eval step) take 40 % less CPU time, and only whether the run
-  works is checked."""
-  before = jax.config.read('jax_disable_most_optimizations')
-  jax.config.update('jax_disable_most_optimizations', True)
-  try:
-    yield
-  finally:
-    jax.config.update('jax_disable_most_optimizations', before)
-
-
+@pytest.mark.usefixtures('fast_compile')  # Whether the run works, only.
 def test_click_config_trains_and_evaluates_end_to_end(data_dir, tmp_path):
   vocab = tmp_path / 'vocab.txt'
   vocab.write_text('\n'.join(['[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]',
@@ -472,8 +459,7 @@ def test_click_config_trains_and_evaluates_end_to_end(data_dir, tmp_path):
   config.optimizer.warmup_steps = 1
   config.log_every_steps = config.checkpoint_every_steps = 2
   config.eval.update(dict(every_steps=1000, batch_size=8, num_overlays=1))
-  with _fast_compile():
-    train.train_and_evaluate(config, str(tmp_path / 'work'))
+  train.train_and_evaluate(config, str(tmp_path / 'work'))
   results = json.loads((tmp_path / 'work' / 'results.json').read_text())
   assert set(results) == {'val', 'testA', 'testB', 'step', 'provenance'}
   assert results['testB']['num_expressions'] == 3 + 1  # Refs 1401 and 1501.
