@@ -94,7 +94,17 @@ def has_input_position(manager: ocp.CheckpointManager, step: int) -> bool:
 
 
 def saved_config(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
-  """The config (as a dict) that checkpoint `step` was trained with."""
+  """The config (as a dict) that checkpoint `step` was trained with.
+
+  Raises:
+    ValueError: the checkpoint has none (written before checkpoints held
+      their config), naming it.
+  """
+  if not (manager.directory / str(step) / 'config').exists():
+    raise ValueError(
+        f'{manager.directory / str(step)} holds no config (written by an '
+        'older refseg_jax): it cannot be checked, so it is not resumed. '
+        'Start in a new --workdir.')
   return manager.restore(step, args=ocp.args.Composite(
       config=ocp.args.JsonRestore())).config
 

@@ -135,3 +135,13 @@ def test_a_changed_config_key_is_refused_by_name(tiny_data_dir, tmp_path):
     other = tiny_train_config(tiny_data_dir, **{key: value})
     with pytest.raises(ValueError, match=key.replace('.', r'\.')):
       config_lib.check_resume(saved.to_dict(), other)
+
+
+def test_a_checkpoint_without_its_config_is_not_resumed(tiny_data_dir,
+                                                         tmp_path):
+  state, _ = _tiny_state()
+  with ocp.CheckpointManager(tmp_path / 'checkpoints') as manager:
+    manager.save(2, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state)))
+  with pytest.raises(ValueError, match=r'checkpoints/2 holds no config'):
+    train.train_and_evaluate(tiny_train_config(tiny_data_dir), str(tmp_path))
