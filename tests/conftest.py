@@ -82,7 +82,7 @@ def tiny_config(tiny_data_dir):
 
 
 @pytest.fixture(scope='session')
-def tiny_full_run(tiny_data_dir, tmp_path_factory, worker_id):
+def tiny_full_run(tiny_data_dir, tmp_path_factory, request):
   """A workdir of `test_train.tiny_train_config` trained 8 steps and
   evaluated: trained once for the whole session, across xdist workers
   (the first to ask trains it under a file lock, the other waits for it).
@@ -92,7 +92,7 @@ def tiny_full_run(tiny_data_dir, tmp_path_factory, worker_id):
   # xdist workers' temp dirs share this session's parent; without xdist the
   # parent is shared by every session, so the session's own dir is used.
   root = tmp_path_factory.getbasetemp()
-  if worker_id != 'master':
+  if hasattr(request.config, 'workerinput'):  # An xdist worker.
     root = root.parent
   workdir = root / 'tiny_full_run'
   with filelock.FileLock(str(root / 'tiny_full_run.lock')):
