@@ -52,6 +52,10 @@ def _abstract(tree: Any, shardings: Any) -> Any:
       tree, shardings)
 
 
+def _step_dir(manager: ocp.CheckpointManager, step: int) -> epath.Path:
+  return manager.directory / str(step)  # Orbax's default step naming.
+
+
 def _host_file(directory: epath.Path) -> epath.Path:
   return directory / f'process_{jax.process_index()}-of-{jax.process_count()}'
 
@@ -89,7 +93,7 @@ class InputPositionRestore(ocp.args.CheckpointArgs):
 def has_input_position(manager: ocp.CheckpointManager, step: int) -> bool:
   """Whether checkpoint `step` holds this host's input position (not when
   saved without it or by another number of hosts)."""
-  path = _host_file(manager.directory / str(step) / 'data')
+  path = _host_file(_step_dir(manager, step) / 'data')
   return path.with_name(path.name + '.index').exists()
 
 
@@ -100,9 +104,9 @@ def saved_config(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
     ValueError: the checkpoint has none (written before checkpoints held
       their config), naming it.
   """
-  if not (manager.directory / str(step) / 'config').exists():
+  if not (_step_dir(manager, step) / 'config').exists():
     raise ValueError(
-        f'{manager.directory / str(step)} holds no config (written by an '
+        f'{_step_dir(manager, step)} holds no config (written by an '
         'older refseg_jax): it cannot be checked, so it is not resumed. '
         'Start in a new --workdir.')
   return manager.restore(step, args=ocp.args.Composite(

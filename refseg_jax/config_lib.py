@@ -90,15 +90,18 @@ RESUME_SAFE_KEYS = ('checkpoint_every_steps', 'keep_checkpoints',
                     'data.eval_mask_size')
 
 
-def flatten(tree: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
+def flatten(tree: Mapping[str, Any]) -> dict[str, Any]:
   """{'a': {'b': 1}} -> {'a.b': 1}; values as JSON has them (lists)."""
-  flat = {}
-  for key, value in json.loads(json.dumps(dict(tree), default=str)).items():
-    if isinstance(value, dict) and value:
-      flat.update(flatten(value, f'{prefix}{key}.'))
-    else:
-      flat[f'{prefix}{key}'] = value
-  return flat
+  def walk(node: dict[str, Any], prefix: str) -> dict[str, Any]:
+    flat = {}
+    for key, value in node.items():
+      if isinstance(value, dict) and value:
+        flat.update(walk(value, f'{prefix}{key}.'))
+      else:
+        flat[f'{prefix}{key}'] = value
+    return flat
+
+  return walk(json.loads(json.dumps(dict(tree), default=str)), '')
 
 
 def _is_safe(key: str) -> bool:

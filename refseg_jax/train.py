@@ -202,12 +202,13 @@ def _start_or_resume(config: ml_collections.ConfigDict, task: base.Task,
       logging.warning('Resuming with config %s = %r (the checkpoint has %r).',
                       key, new, old)
     state, shardings = train_state.shapes_and_shardings(config, task, mesh)
-  restore_input = (step is not None and config.data.checkpoint_iterator and
-                   checkpointing.has_input_position(latest, step))
-  if step is not None and config.data.checkpoint_iterator and not restore_input:
-    logging.warning('%s/%d holds no input position for process %d of %d: '
-                    'skipping %d batches instead.', latest.directory, step,
-                    jax.process_index(), jax.process_count(), step)
+  restore_input = False
+  if step is not None and config.data.checkpoint_iterator:
+    restore_input = checkpointing.has_input_position(latest, step)
+    if not restore_input:
+      logging.warning('%s/%d holds no input position for process %d of %d: '
+                      'skipping %d batches instead.', latest.directory, step,
+                      jax.process_index(), jax.process_count(), step)
   batches = dataset_iterator.TfDatasetIterator(
       pipeline.train_dataset(
           config.data, task.supervision, config.batch_size, config.seed,
