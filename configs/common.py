@@ -62,6 +62,10 @@ def data_config(variant: str) -> ml_collections.ConfigDict:
       # download; manual-download datasets say which files they need).
       prepare=True,
       image_size=128,             # Side S of the square canvas.
+      # How an image fits the canvas (`pipeline.fit_image`): 'letterbox'
+      # keeps its aspect (zero padding bottom-right); 'stretch' resizes it
+      # to S x S, as the official Shatter-and-Gather code does.
+      resize='letterbox',
       eval_mask_size=128,         # M >= every original side in eval splits.
       max_text_len=20,            # Tokens, [CLS] and [SEP] included.
       # vocab.txt or local HF tokenizer directory; None = the dataset's own.
@@ -114,13 +118,29 @@ def training(data: str) -> ml_collections.ConfigDict:
   # 2,600 steps took 10.5 min); 2,050 steps left the full default at 69-70
   # validation mIoU, seed to seed (docs/results.md).
   config.total_steps = 2_400
+  # The run's length in epochs of the training split instead; None = use
+  # total_steps. When set, `train.train_and_evaluate` overwrites
+  # total_steps with ceil(total_epochs * training expressions / batch_size)
+  # before anything reads it (the checkpoints' config then holds that
+  # value). eval.every_steps below is not rescaled: set it too.
+  config.total_epochs = config_dict.placeholder(float)
   # `refseg_jax.optimizer.make`'s arguments.
   config.optimizer = ml_collections.ConfigDict(dict(
       learning_rate=2e-3, weight_decay=1e-4, b1=0.9, b2=0.999,
       warmup_steps=100, end_learning_rate_fraction=0.01, grad_clip_norm=1.0,
       # Learning-rate multipliers of top-level modules (pretrained encoders
       # usually train slower); unlisted modules train at 1x.
-      lr_multipliers=dict(backbone=1.0, text=1.0)))
+      lr_multipliers=dict(backbone=1.0, text=1.0),
+      # `optimizer.SCHEDULES`: 'warmup_cosine' (linear warm-up over
+      # warmup_steps, cosine to end_learning_rate_fraction) or
+      # 'constant_then_cosine' (the official SaG's: the peak for
+      # warmup_steps, then a cosine over the whole run towards 0; needs
+      # end_learning_rate_fraction=0).
+      schedule='warmup_cosine',
+      # True: weight decay on every parameter (the official SaG's AdamW);
+      # False: not on biases, norm scales, position embeddings, the class
+      # token and slot distributions (`optimizer.NO_DECAY_SUFFIXES`).
+      decay_all_params=False))
   # Decay of the params' exponential moving average, which evaluation and
   # the best checkpoint then use; 0 = evaluate the params themselves. Off
   # by default: after the cosine decay to 1 % it changed nothing (full,

@@ -15,8 +15,9 @@ an overlay PNG (mask, sentence, PKS' position and box):
     python -m refseg_jax.predict --workdir=/tmp/refseg_full \
         --image=photo.jpg --text="the red circle" [--text=...] --output=DIR
 
-The image goes through the training pipeline's letterbox
-(`pipeline.letterbox`) and the response back through evaluation's resize
+The image fits the canvas as in training and evaluation
+(`pipeline.fit_image` by the run's `config.data.resize`: letterbox or
+stretch) and the response goes back through evaluation's resize
 (`metrics.resize_to_original`), so a prediction is what evaluation scores
 for the same image and sentence. One image with all its sentences is one
 batched call on one device, compiled once per (image size, sentence count).
@@ -122,6 +123,9 @@ class Predictor:
     self.trained = trained
     self._task = trained.task
     self._size = trained.config.data.image_size
+    # How images fit the canvas: as the run trained ('letterbox' for runs
+    # from before config.data.resize existed).
+    self._resize = pipeline.resize_of(trained.config.data)
     self._max_len = trained.config.data.max_text_len
     self._compiled: dict[tuple[int, int, int], Any] = {}
     # Seconds each input shape took to compile, for reports.
@@ -145,8 +149,9 @@ class Predictor:
         variables, {'image': image, 'text_tokens': tokens,
                     'text_mask': text_mask},
         train=False, rngs=self._task.eval_rngs())
-    response = self._task.response_map(outputs, self._size)
     count = tokens.shape[0]
+    response = self._task.response_map(
+        outputs, self._size, jnp.broadcast_to(content, (count, 2)))
     maps, _ = metrics.resize_to_original(
         response, jnp.broadcast_to(content, (count, 2)),
         jnp.broadcast_to(orig, (count, 2)), out_size)
@@ -173,7 +178,8 @@ class Predictor:
     """
     pixels = read_image(image)
     texts = check_sentences(texts, self.trained.tokenizer, self._max_len)
-    canvas, content = pipeline.letterbox(tf.constant(pixels), self._size)
+    canvas, content = pipeline.fit_image(tf.constant(pixels), self._size,
+                                         self._resize)
     tokens, text_mask = pipeline.tokenize(self.trained.tokenizer, texts,
                                           self._max_len)
     height, width = pixels.shape[:2]
@@ -182,7 +188,8 @@ class Predictor:
     result = jax.device_get(
         self._compiled_for(height, width, len(texts), args)(*args))
     # Canvas-normalised -> pixels of the input: a canvas unit is S pixels
-    # of the content, which spans the whole input.
+    # of the content, which spans the whole input (stretched: content =
+    # (S, S), so a canvas unit is the input's (H, W)).
     to_pixels = self._size / content.numpy() * [height, width]
     predictions = []
     for i, text in enumerate(texts):

@@ -26,6 +26,8 @@ loss stops the run with an error naming the step.
 
 from __future__ import annotations
 
+import fractions
+import math
 import time
 from typing import Any, Mapping, Sequence
 
@@ -176,6 +178,36 @@ def _evaluate(evaluator: evaluator_lib.Evaluator, state, step: int,
 
 # --------------------------------------------------------------------- loop
 
+def resolve_total_steps(config: ml_collections.ConfigDict,
+                        num_train_expressions: int) -> int:
+  """The run's length in steps: `config.total_steps`, or from its epochs.
+
+  Args:
+    config: a training config; `config.total_epochs` (None or absent: use
+      `config.total_steps`) and `config.batch_size` are read.
+    num_train_expressions: expressions in the whole training split (all
+      hosts), e.g. `pipeline.count_expressions(config.data, 'train')`.
+
+  Returns:
+    total_epochs * ceil(num_train_expressions / batch_size), rounded up,
+    when `config.total_epochs` is set (an epoch is as many steps as the
+    official SaG loader's: its last, partial batch counts), else
+    `config.total_steps`.
+
+  Raises:
+    ValueError: `total_epochs` set but not positive.
+  """
+  epochs = config.get('total_epochs')
+  if epochs is None:
+    return config.total_steps
+  if not epochs > 0:
+    raise ValueError(f'config.total_epochs must be positive; got {epochs}.')
+  steps_per_epoch = math.ceil(num_train_expressions / config.batch_size)
+  # Exact arithmetic on the decimal the user wrote: in floats, 0.1 epochs
+  # of 10 steps are 1.0000000000000002 steps, which would round up to 2.
+  return math.ceil(fractions.Fraction(repr(float(epochs))) * steps_per_epoch)
+
+
 def _start_or_resume(config: ml_collections.ConfigDict, task: base.Task,
                      mesh: jax.sharding.Mesh, latest: ocp.CheckpointManager,
                      accept_config_changes: Sequence[str]
@@ -228,7 +260,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   """Trains (resuming from `workdir` if it holds a checkpoint) and evaluates.
 
   Args:
-    config: a training config (`configs/*.py`).
+    config: a training config (`configs/*.py`). If `config.total_epochs`
+      is set, `config.total_steps` is overwritten with its steps
+      (`resolve_total_steps`) at the start; `config.eval.every_steps` is
+      left as it is.
     workdir: a local or remote (e.g. gs://) directory, shared by all hosts.
     accept_config_changes: config keys that may differ from the resumed
       checkpoint's config although they change the training
@@ -241,6 +276,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   workdir.mkdir(parents=True, exist_ok=True)
   if config.data.prepare:
     build.build_on_first_host(config.data.name, config.data.data_dir)
+  if config.get('total_epochs') is not None:
+    # Before anything reads total_steps (the optimiser's schedule, the
+    # loop, the resume check): the checkpoints then save the resolved
+    # value, and an unchanged config resolves to it again on resuming.
+    # Every host counts the whole split, so all agree.
+    num_expressions = pipeline.count_expressions(config.data, 'train')
+    config.total_steps = resolve_total_steps(config, num_expressions)
+    logging.info('total_steps = %d (%g epochs of %d expressions / %d).',
+                 config.total_steps, config.total_epochs, num_expressions,
+                 config.batch_size)
   mesh = sharding.make_mesh(config.mesh)
   tokenizer = pipeline.load_tokenizer(config.data.tokenizer, config.data.name)
   task = tasks.build(config, tokenizer.vocab_size)

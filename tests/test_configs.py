@@ -174,7 +174,29 @@ def test_paper_variants_are_the_paper_scale_models():
   sag_paper = config_lib.load(f'{REPO}/configs/text.py:model=paper')
   assert (sag_paper.model.vit_preset, sag_paper.model.bert_preset,
           sag_paper.data.image_size) == ('s16', 'base', 384)
-  assert sag_paper.loss.warmup_steps == 5_000
+  # The official `train_eval_unc.sh` run (docs/supervision.md's table).
+  assert sag_paper.loss.to_dict() == dict(
+      c3=1.0, reconstruction=1.0, mask_same_image=False, warmup_steps=5_000)
+  assert {k: sag_paper.model[k] for k in (
+      'groups', 'slots_per_group', 'iterations', 'heads', 'head_dim',
+      'interaction_heads', 'interaction_head_dim', 'dim', 'dropout',
+      'drop_path', 'gather', 'reconstruct', 'text_pooling',
+      'image_normalisation', 'dtype')} == dict(
+          groups=12, slots_per_group=3, iterations=6, heads=4, head_dim=256,
+          interaction_heads=4, interaction_head_dim=128, dim=512, dropout=0.1,
+          drop_path=0.1, gather='fusion', reconstruct='features',
+          text_pooling='cls', image_normalisation='half', dtype='bfloat16')
+  assert (sag_paper.data.resize, sag_paper.data.expressions_per_image,
+          sag_paper.data.flip) == ('stretch', 0, False)
+  assert (sag_paper.total_epochs, sag_paper.batch_size) == (50, 32)
+  assert {k: sag_paper.optimizer[k] for k in (
+      'learning_rate', 'schedule', 'warmup_steps', 'weight_decay',
+      'decay_all_params', 'grad_clip_norm')} == dict(
+          learning_rate=1e-5, schedule='constant_then_cosine',
+          warmup_steps=5_000, weight_decay=1e-4, decay_all_params=True,
+          grad_clip_norm=0.1)
+  assert sag_paper.optimizer.lr_multipliers.to_dict() == dict(backbone=0.1,
+                                                              text=1.0)
   pks_paper = config_lib.load(f'{REPO}/configs/click.py:model=r101')
   assert (pks_paper.model.resnet_preset, pks_paper.model.bert_preset,
           pks_paper.model.dtype) == ('resnet101', 'base', 'bfloat16')

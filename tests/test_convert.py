@@ -9,6 +9,7 @@ written independently of the converter's rules) and must reproduce the HF
 outputs. Run with `-s` to see the measured differences.
 """
 
+import argparse
 import functools
 import math
 import os
@@ -470,3 +471,153 @@ def test_train_state_starts_from_converted_weights(tmp_path):
   (prediction,) = predict.Predictor(loaded)(
       np.zeros((20, 36, 3), np.uint8), 'the big red circle')
   assert prediction.mask.shape == (20, 36)
+
+
+# --- the official Shatter and Gather checkpoint ------------------------------
+
+# The official SaG (kdwonn/SaG) names of SaG's own layers -> ours, written
+# from its state dict; `AGG_BLOCK` entries repeat for every aggregation
+# block (weight-shared).
+AGG = 'encoders.img_enc.set_pred_module.agg.'
+OFFICIAL_HEAD = {
+    'encoders.img_enc.spm_1x1': 'visual_projection',
+    'encoders.txt_enc.linear': 'text_projection',
+    'encoders.img_enc.set_pred_module.residual_norm': 'entities/norm_output',
+    AGG + 'last_layer.1': 'entities/output',
+    **{f'cma.attn.fn.to_{a}': f'fusion/{b}' for a, b in
+       (('q', 'query'), ('k', 'key'), ('v', 'value'))},
+    'cma.attn.fn.to_out.0': 'fusion/output', 'cma.attn.norm': 'fusion/norm_text',
+    'cma.attn.norm_context': 'fusion/norm_slots',
+    'cma.ff.fn.net.0': 'fusion/mlp/fc1', 'cma.ff.fn.net.3': 'fusion/mlp/fc2',
+    'cma.ff.norm': 'fusion/norm_mlp',
+    **{f'decoder.mlp.{2 * i}': f'decoder/layer_{i}' for i in range(4)},
+}
+AGG_BLOCK = {
+    **{f'0.fn.to_{a}': f'aggregation/{b}' for a, b in
+       (('q', 'query'), ('k', 'key'), ('v', 'value'))},
+    '0.fn.to_out.0': 'aggregation/output', '0.norm': 'aggregation/norm_slots',
+    '0.norm_context': 'norm_inputs', '2.fn.net.0': 'aggregation/mlp/fc1',
+    '2.fn.net.3': 'aggregation/mlp/fc2', '2.norm': 'aggregation/norm_mlp',
+    **{f'4.0.0.fn.to_{a}': f'interaction/{b}' for a, b in
+       (('q', 'query'), ('k', 'key'), ('v', 'value'))},
+    '4.0.0.fn.to_out.0': 'interaction/output',
+    '4.0.0.norm': 'interaction/norm_attention',
+    '4.0.2.fn.net.0': 'interaction/mlp/fc1',
+    '4.0.2.fn.net.3': 'interaction/mlp/fc2', '4.0.2.norm': 'interaction/norm_mlp',
+}
+
+
+def official_sag_state(params, iterations, rng):
+  """The official state dict of SaG's own layers holding our `params`,
+  plus the decoder's row / column embeddings and the two layers the
+  official forward never reads (random)."""
+  modules = {**OFFICIAL_HEAD, **{
+      f'{AGG}agg_blocks.{b}.{name}': f'entities/{path}'
+      for b in range(iterations) for name, path in AGG_BLOCK.items()}}
+  state = {}
+  for official, ours in modules.items():
+    module = functools.reduce(lambda tree, key: tree[key], ours.split('/'),
+                              params)
+    for leaf, value in module.items():
+      value = np.asarray(value)
+      state[f'{official}.{"bias" if leaf == "bias" else "weight"}'] = (
+          value.T if leaf == 'kernel' else value)
+  state[AGG + 'queries.slots_mu'] = np.asarray(params['entities']['mean'])[None]
+  state[AGG + 'queries.slots_log_sigma'] = np.asarray(
+      params['entities']['log_var'])[None]
+  dim = params['decoder']['position'].shape[-1]
+  for name in ('row_embed', 'col_embed'):
+    state[f'decoder.pos_emb.{name}.weight'] = rng.standard_normal(
+        (50, dim // 2)).astype(np.float32)
+  for name in ('residual_fc', 'set_pred_module.fc'):
+    state[f'encoders.img_enc.{name}.weight'] = rng.standard_normal(
+        (dim, 8)).astype(np.float32)
+  return state
+
+
+def sag_official_config():
+  """A small text config of the official model's options."""
+  config = config_lib.load(f'{REPO}/configs/text.py:data=ref_shapes_tiny')
+  config.model.update(gather='fusion', reconstruct='features',
+                      text_pooling='cls', iterations=2, dropout=0.1,
+                      image_normalisation='half', vit_preset='tiny')
+  return config
+
+
+def test_official_sag_checkpoint_becomes_a_workdir(tmp_path):
+  config = sag_official_config()
+  task = tasks.build(config, VOCAB)
+  ours = jax.device_get(jax.jit(task.init_variables)(jax.random.key(3)))
+  rng = np.random.default_rng(0)
+  head = official_sag_state(ours['params'], 2, rng)
+  # The ViT at 80 px (10 x 10 patches; ours runs 8 x 8) and a BERT, both
+  # random, under the official prefixes.
+  hf_vit = random_model(transformers.ViTModel, transformers.ViTConfig(
+      **{**VIT_TINY, 'image_size': 80}), seed=4, add_pooling_layer=False)
+  hf_bert = random_model(transformers.BertModel, transformers.BertConfig(
+      vocab_size=VOCAB, **BERT_TINY), seed=5)
+  # (Read back from the saved files: the names checkpoints carry.)
+  vit_state = timm_names(convert.read_state_dict(saved(hf_vit,
+                                                       tmp_path / 'vit')))
+  bert_state = convert.read_state_dict(saved(hf_bert, tmp_path / 'bert'))
+  state = {**head,
+           **{f'encoders.img_enc.img_backbone.{k}': v
+              for k, v in vit_state.items()},
+           **{f'encoders.txt_enc.bert.{k}': v for k, v in bert_state.items()}}
+  # As the official training saves it: its flags, and DataParallel names.
+  checkpoint = tmp_path / 'model_best.pth.tar'
+  torch.save({'args': argparse.Namespace(agg_depth=2, img_num_embeds=16),
+              'epoch': 7, 'iou': 0.3,
+              'model': {f'module.{k}': torch.tensor(v)
+                        for k, v in state.items()}}, checkpoint)
+
+  convert.convert_sag_official(str(checkpoint), config, str(tmp_path / 'w'))
+  loaded = trained.load(str(tmp_path / 'w'), mesh=sharding.make_mesh(
+      [('data', 1)], jax.devices()[:1]))
+  params = jax.device_get(loaded.variables['params'])
+  for name in ('visual_projection', 'entities', 'text_projection', 'fusion'):
+    jax.tree.map(np.testing.assert_array_equal, params[name],
+                 ours['params'][name])
+  rows, cols = (head[f'decoder.pos_emb.{n}.weight'] for n in ('row_embed',
+                                                              'col_embed'))
+  position = params['decoder']['position'].reshape(8, 8, -1)
+  np.testing.assert_array_equal(position[2, 5], np.concatenate(
+      [cols[5], rows[2]]))
+  np.testing.assert_array_equal(
+      at_path(params, 'text/encoder/layer_1/attention/self/key/kernel'),
+      bert_state['encoder.layer.1.attention.self.key.weight'].T)
+  np.testing.assert_array_equal(at_path(params, 'backbone/blocks_1/attn/qkv/'
+                                        'kernel'),
+                                vit_state['blocks.1.attn.qkv.weight'].T)
+  # Position embeddings resized as the official ViT resizes them at run
+  # time: torch's bilinear interpolation, half-pixel, no antialiasing.
+  grid = torch.tensor(vit_state['pos_embed'][0, 1:].reshape(1, 10, 10, -1)
+                      ).permute(0, 3, 1, 2)
+  expected = torch.nn.functional.interpolate(grid, size=(8, 8),
+                                             mode='bilinear')
+  np.testing.assert_allclose(
+      at_path(params, 'backbone/pos_embed')[0, 1:],
+      expected.permute(0, 2, 3, 1).reshape(64, -1).numpy(), atol=1e-6)
+  (prediction,) = predict.Predictor(loaded)(
+      np.zeros((20, 36, 3), np.uint8), 'the big red circle')
+  assert prediction.mask.shape == (20, 36)
+
+
+def test_official_sag_checkpoint_that_does_not_fit_is_named():
+  config = sag_official_config()
+  task = tasks.build(config, VOCAB)
+  shapes = jax.eval_shape(task.init_variables, jax.random.key(0))
+  params = jax.device_get(jax.jit(task.init_variables)(jax.random.key(3))
+                          )['params']
+  state = official_sag_state(params, 3, np.random.default_rng(0))
+  with pytest.raises(ValueError, match='3 aggregation blocks'):
+    convert.sag_official(state, config, shapes)
+  state = official_sag_state(params, 2, np.random.default_rng(0))
+  shifted = f'{AGG}agg_blocks.1.0.fn.to_q.weight'
+  state[shifted] = state[shifted] + 1
+  with pytest.raises(ValueError, match='do not share weights'):
+    convert.sag_official_head(state, shapes, (8, 8))
+  state = official_sag_state(params, 2, np.random.default_rng(0))
+  state['cma.ff.fn.net.0.weight'] = state['cma.ff.fn.net.0.weight'][:, :3]
+  with pytest.raises(ValueError, match=r"'cma\.ff\.fn\.net\.0\.weight'"):
+    convert.sag_official_head(state, shapes, (8, 8))

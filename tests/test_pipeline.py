@@ -144,6 +144,84 @@ def test_resize_keeps_aspect_and_pads_bottom_right():
                                              [0.5, 1]])
 
 
+def test_stretch_fills_the_canvas_with_tf_image_resize():
+  rng = np.random.default_rng(0)
+  image = rng.integers(50, 256, (30, 60, 3), dtype=np.uint8)
+  canvas, content = pipeline.fit_image(tf.constant(image), 40, 'stretch')
+  np.testing.assert_array_equal(content, [40, 40])
+  assert canvas.shape == (40, 40, 3) and canvas.dtype == tf.uint8
+  assert canvas.numpy().min() >= 50  # No zero padding anywhere.
+  expected = tf.image.resize(tf.cast(image, tf.float32), (40, 40),
+                             method='bilinear', antialias=True)
+  np.testing.assert_array_equal(
+      canvas, np.round(np.clip(expected, 0, 255)).astype(np.uint8))
+  # The letterbox of the same image is unchanged: top-left, aspect kept.
+  boxed, content = pipeline.fit_image(tf.constant(image), 40, 'letterbox')
+  np.testing.assert_array_equal(content, [20, 40])
+  assert (boxed.numpy()[20:] == 0).all() and boxed.numpy()[:20].min() >= 50
+
+
+def test_stretch_keeps_image_normalised_boxes_and_clicks():
+  """A 30 x 60 image stretched to 40 x 40: box and clicks stay as the
+  dataset gives them, and the stretched mask lies where they say."""
+  mask = np.zeros((30, 60), np.uint8)
+  mask[6:12, 15:45] = 1
+  box = np.array([6 / 30, 15 / 60, 12 / 30, 45 / 60], np.float32)
+  clicks = np.array([[9 / 30, 30 / 60], box[:2], box[2:]], np.float32)
+  element = {'image': np.full((30, 60, 3), 200, np.uint8), 'mask': mask,
+             'box': box, 'clicks': clicks}
+  out = {k: v.numpy() for k, v in pipeline._resize_and_pad(
+      _tensors(element), 40, 'stretch').items()}
+  np.testing.assert_array_equal(out['orig_size'], [30, 60])
+  np.testing.assert_array_equal(out['content_size'], [40, 40])
+  assert (out['image'] == 200).all()
+  np.testing.assert_array_equal(out['box'], box)
+  np.testing.assert_array_equal(out['clicks'], clicks)
+  ys, xs = np.nonzero(out['mask'])
+  # Rows 8-15 and columns 10-29 of the canvas: the box times S.
+  np.testing.assert_array_equal([ys.min(), xs.min(), ys.max() + 1,
+                                 xs.max() + 1], box * 40)
+  assert out['mask'].sum() == 8 * 20
+  # Letterboxed, the same labels are scaled by content / S = (0.5, 1).
+  boxed = pipeline._resize_and_pad(_tensors(element), 40, 'letterbox')
+  np.testing.assert_allclose(boxed['box'], box * [0.5, 1, 0.5, 1])
+  np.testing.assert_allclose(boxed['clicks'], clicks * [0.5, 1])
+
+
+def test_stretch_reaches_training_and_evaluation(tiny_config, monkeypatch):
+  """data.resize='stretch' fits every training and evaluation image with
+  `stretch`; ref_shapes images are square, so batches equal letterbox's."""
+  calls = []
+  stretch = pipeline.stretch
+  monkeypatch.setattr(pipeline, 'stretch',
+                      lambda *args: calls.append(1) or stretch(*args))
+  config = tiny_config.copy_and_resolve_references()
+  config.resize = 'stretch'
+  stretched = _first_batch(config, 'full')
+  assert calls, 'training did not stretch'
+  letterboxed = _first_batch(tiny_config, 'full')
+  for key in stretched:
+    np.testing.assert_array_equal(stretched[key], letterboxed[key])
+  calls.clear()
+  batch = next(iter(tfds.as_numpy(
+      pipeline.eval_dataset(config, 'validation', BATCH, 1))))
+  assert calls, 'evaluation did not stretch'
+  size = config.image_size
+  assert (batch['content_size'] == [size, size]).all()
+
+
+def test_unknown_resize_is_named(tiny_config):
+  match = (r"config\.data\.resize='crop'.*\('letterbox', 'stretch'\)")
+  with pytest.raises(ValueError, match=match):
+    pipeline.fit_image(tf.zeros((4, 4, 3), tf.uint8), 8, 'crop')
+  config = tiny_config.copy_and_resolve_references()
+  config.resize = 'crop'
+  with pytest.raises(ValueError, match=match):
+    pipeline.train_dataset(config, 'full', BATCH, seed=0)
+  with pytest.raises(ValueError, match=match):
+    pipeline.eval_dataset(config, 'validation', BATCH, 1)
+
+
 @pytest.mark.parametrize('split', ['validation', 'test_novel'])
 def test_eval_visits_every_expression_once_over_two_hosts(
     tiny_config, tiny_builder, split):

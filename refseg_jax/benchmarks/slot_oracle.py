@@ -65,10 +65,11 @@ def best_slot_scores(slot_masks: jax.Array, batch: Mapping[str, jax.Array]
   """
   num_texts, num_slots = slot_masks.shape[:2]
   size = batch['image'].shape[1]
-  response = sag.response_map(
-      slot_masks.reshape(num_texts * num_slots, *slot_masks.shape[2:]), size)
   repeated = {k: jnp.repeat(batch[k], num_slots, axis=0)
               for k in ('content_size', 'orig_size', 'eval_mask')}
+  response = sag.response_map(
+      slot_masks.reshape(num_texts * num_slots, *slot_masks.shape[2:]), size,
+      repeated['content_size'])
   iou, hit = expression_scores(response, repeated)
   return (iou.reshape(num_texts, num_slots).max(1),
           hit.reshape(num_texts, num_slots).any(1))
@@ -94,7 +95,8 @@ def make_score_step(task: sag_text.SaGText, mesh: jax.sharding.Mesh,
     slot_masks = slot_attention[image_of].reshape(
         num_texts, -1, grid_h, grid_w)
     iou, hit = expression_scores(
-        task.response_map(outputs, batch['image'].shape[1]), batch)
+        task.response_map(outputs, batch['image'].shape[1],
+                          batch['content_size']), batch)
     oracle_iou, oracle_hit = best_slot_scores(slot_masks, batch)
     return {'mIoU': iou, 'PointM': hit, 'oracle_mIoU': oracle_iou,
             'oracle_PointM': oracle_hit}

@@ -1,8 +1,15 @@
 """The tf.data input pipeline: one example per (referred object, expression).
 
-    per-host shard -> flatten to expressions -> decode -> resize keeping the
-    aspect and pad to a square canvas -> (train) random horizontal flip that
-    swaps `left`/`right` -> batch -> tokenise -> prefetch.
+    per-host shard -> flatten to expressions -> decode -> (train) random
+    horizontal flip that swaps `left`/`right` -> fit to a square canvas ->
+    batch -> tokenise -> prefetch.
+
+How an image fits the S x S canvas is `config.data.resize` (`fit_image`):
+'letterbox' (default) resizes it keeping its aspect, the longer side S,
+and places it at the top-left of a zero canvas; 'stretch' (the official
+Shatter-and-Gather preprocessing) resizes it to S x S, the aspect not
+kept, so that it fills the canvas. Either way `content_size` (h, w) is the
+part of the canvas the image covers ((S, S) when stretched).
 
 Training batches may instead be grouped by image (`expressions_per_image`
 k): the shuffle runs over images, each bringing k of its expressions, and
@@ -12,9 +19,9 @@ them so).
 
 Batches are dicts of NumPy arrays of the *host-local* batch size (global
 batch / process count). Images are uint8 [B, S, S, 3] ([B / k, ...] when
-grouped), the content placed at the top-left of the canvas; points and
-boxes are normalised by the canvas side S, (y, x) and (ymin, xmin, ymax,
-xmax). What a batch holds depends on
+grouped), the content placed at the top-left of the canvas (or filling
+it: 'stretch'); points and boxes are normalised by the canvas side S, (y,
+x) and (ymin, xmin, ymax, xmax). What a batch holds depends on
 the supervision, so that a mode cannot see labels it must not use:
 
     text   image, text_tokens, text_mask, image_id (int32 [B] or [B / k])
@@ -53,6 +60,8 @@ SUPERVISION_FIELDS = {
 }
 EVAL_FIELDS = ('image', 'text_tokens', 'text_mask', 'eval_mask', 'orig_size',
                'content_size', 'valid', 'image_id', 'sentence_id', 'sentence')
+# The values of config.data.resize (`fit_image`).
+RESIZE_MODES = ('letterbox', 'stretch')
 # Datasets that ship their own vocabulary (used when config.tokenizer is None).
 _DATASET_VOCABS = {'ref_shapes': ref_shapes.vocab_path}
 
@@ -217,27 +226,70 @@ def _fit(image: tf.Tensor, content: tf.Tensor, size: int,
   return tf.image.pad_to_bounding_box(resized, 0, 0, size, size)
 
 
-def letterbox(image: tf.Tensor, size: int) -> tuple[tf.Tensor, tf.Tensor]:
-  """(uint8 [size, size, 3] canvas, int32 content (h, w)) of a uint8
-  [H, W, 3] image: resized keeping its aspect (bilinear, antialiased),
-  placed top-left, zero padding. Training, evaluation and prediction
-  (`refseg_jax.predict`) all see images through it."""
-  content = content_size(tf.shape(image)[:2], size)
+def _canvas(image: tf.Tensor, content: tf.Tensor,
+            size: int) -> tuple[tf.Tensor, tf.Tensor]:
+  """(uint8 canvas, content) of a uint8 image resized to `content`."""
   canvas = _fit(tf.cast(image, tf.float32), content, size, 'bilinear')
   return tf.cast(tf.round(tf.clip_by_value(canvas, 0, 255)), tf.uint8), content
 
 
-def _resize_and_pad(element: dict, size: int) -> dict:
-  """Fits the image (and mask, box, clicks) in a size x size canvas,
-  keeping its aspect (`letterbox`)."""
+def letterbox(image: tf.Tensor, size: int) -> tuple[tf.Tensor, tf.Tensor]:
+  """(uint8 [size, size, 3] canvas, int32 content (h, w)) of a uint8
+  [H, W, 3] image: resized keeping its aspect (bilinear, antialiased),
+  placed top-left, zero padding. config.data.resize='letterbox'."""
+  return _canvas(image, content_size(tf.shape(image)[:2], size), size)
+
+
+def stretch(image: tf.Tensor, size: int) -> tuple[tf.Tensor, tf.Tensor]:
+  """(uint8 [size, size, 3] canvas, int32 content (size, size)) of a uint8
+  [H, W, 3] image: resized to size x size (bilinear, antialiased), the
+  aspect not kept, as the official Shatter-and-Gather code does.
+  config.data.resize='stretch'."""
+  return _canvas(image, tf.constant([size, size], tf.int32), size)
+
+
+def check_resize(resize: str) -> str:
+  """`resize` if it is one of `RESIZE_MODES`, else a ValueError naming
+  config.data.resize."""
+  if resize not in RESIZE_MODES:
+    raise ValueError(f'Unknown config.data.resize={resize!r}; expected one '
+                     f'of {RESIZE_MODES}.')
+  return resize
+
+
+def resize_of(config: ml_collections.ConfigDict) -> str:
+  """The data config's checked `resize`; 'letterbox' for configs saved
+  before the key existed (their runs letterboxed)."""
+  return check_resize(config.get('resize', 'letterbox'))
+
+
+def fit_image(image: tf.Tensor, size: int,
+              resize: str) -> tuple[tf.Tensor, tf.Tensor]:
+  """(uint8 [size, size, 3] canvas, int32 content (h, w)) of a uint8
+  [H, W, 3] image, by `resize` ('letterbox' or 'stretch', see
+  `letterbox` and `stretch`). Training, evaluation and prediction
+  (`refseg_jax.predict`) all see images through it; the content (h, w)
+  is what `refseg_jax.evaluation.metrics.resize_to_original` maps back to
+  the original size."""
+  fits = {'letterbox': letterbox, 'stretch': stretch}
+  return fits[check_resize(resize)](image, size)
+
+
+def _resize_and_pad(element: dict, size: int,
+                    resize: str = 'letterbox') -> dict:
+  """Fits the image (and mask, box, clicks) in a size x size canvas by
+  `resize` (`fit_image`): the mask is resized as the image, then
+  thresholded at 0.5; the image-normalised box and clicks become
+  canvas-normalised (unchanged when stretched)."""
   element = dict(element)
   orig = tf.shape(element['image'])[:2]
-  element['image'], content = letterbox(element['image'], size)
+  element['image'], content = fit_image(element['image'], size, resize)
   if 'mask' in element:
     mask = _fit(tf.cast(element['mask'][..., None], tf.float32), content,
                 size, 'bilinear')
     element['mask'] = tf.cast(mask[..., 0] >= 0.5, tf.uint8)
-  # From image-normalised to canvas-normalised coordinates.
+  # From image-normalised to canvas-normalised coordinates (content / size
+  # is exactly 1 when stretched).
   yx = tf.cast(content, tf.float32) / size
   element['box'] = element['box'] * tf.tile(yx, [2])
   element['clicks'] = element['clicks'] * yx
@@ -349,6 +401,7 @@ def train_dataset(config: ml_collections.ConfigDict, supervision: str,
   if config.click_noise and supervision != 'click':
     raise ValueError(f'config.data.click_noise={config.click_noise} applies '
                      f"to click supervision only, not {supervision!r}.")
+  resize = resize_of(config)
   tokenizer = load_tokenizer(config.tokenizer, config.name)
   group = config.expressions_per_image
   local_batch = _local_batch_size(global_batch_size, process_count)
@@ -379,7 +432,7 @@ def train_dataset(config: ml_collections.ConfigDict, supervision: str,
       element = click_labels(
           element, config.click_noise,
           tf.random.experimental.stateless_fold_in(example_seed, 1))
-    return _resize_and_pad(element, config.image_size)
+    return _resize_and_pad(element, config.image_size, resize)
 
   ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
   ds = ds.batch(local_batch, drop_remainder=True)
@@ -419,6 +472,7 @@ def eval_dataset(config: ml_collections.ConfigDict, split: str,
     process_index: this host.
     process_count: number of hosts.
   """
+  resize = resize_of(config)
   tokenizer = load_tokenizer(config.tokenizer, config.name)
   local_batch = _local_batch_size(global_batch_size, process_count)
   ds = _host_images(config, split, process_index,
@@ -426,7 +480,7 @@ def eval_dataset(config: ml_collections.ConfigDict, split: str,
 
   def prepare(element):
     element = _resize_and_pad(_decode(element, with_mask=True),
-                              config.image_size)
+                              config.image_size, resize)
     return _eval_fields(element, config.eval_mask_size)
 
   ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)

@@ -46,7 +46,7 @@ def make_eval_step(task: base.Task, mesh: jax.sharding.Mesh,
   def step_fn(variables, batch):
     outputs = task.forward(variables, batch, train=False,
                            rngs=task.eval_rngs())
-    response = task.response_map(outputs, size)
+    response = task.response_map(outputs, size, batch['content_size'])
     batch_metrics = res_metrics.RESMetrics.from_model_output(
         response, batch['eval_mask'], batch['orig_size'],
         batch['content_size'], batch['valid'])

@@ -54,6 +54,7 @@ weights (`write_workdir`), which `refseg_jax.evaluate` and
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import io
 import math
@@ -192,7 +193,12 @@ def _read_pickled(data: bytes) -> dict[str, np.ndarray]:
     raise ImportError('Reading a pickled (.bin/.pth/.pt) checkpoint needs '
                       'PyTorch (pip install torch); .safetensors files do '
                       'not.') from e
-  state = torch.load(io.BytesIO(data), map_location='cpu', weights_only=True)
+  # Training checkpoints (the official SaG's among them) keep their
+  # command-line flags as an argparse.Namespace: a plain attribute bag,
+  # allowed; anything else that is not a tensor or a container is refused.
+  with torch.serialization.safe_globals([argparse.Namespace]):
+    state = torch.load(io.BytesIO(data), map_location='cpu',
+                       weights_only=True)
   for wrapper in ('state_dict', 'model'):
     if isinstance(state.get(wrapper), Mapping):
       state = state[wrapper]
@@ -397,6 +403,158 @@ def load(path: str, target: Mapping[str, Any]) -> Converted:
   return convert(read_state_dict(path), target)
 
 
+# --- the official Shatter and Gather -----------------------------------------
+
+# The official SaG (kdwonn/SaG, `CrossModalAttentionRecon`) names of the
+# modules of `refseg_jax.models.sag.SaG`'s own layers (not the encoders),
+# by regex -> flax module path. `{b}` is aggregation block 0; the blocks
+# after it share its weights (`--agg_weight_sharing`) and must equal it.
+_SAG_AGG = r'encoders\.img_enc\.set_pred_module\.agg\.'
+_SAG_BLOCK = _SAG_AGG + r'agg_blocks\.{b}\.'
+_SAG_MODULES = (
+    (r'encoders\.img_enc\.spm_1x1', 'visual_projection'),
+    (_SAG_BLOCK + r'0\.fn\.to_(q|k|v)', 'entities/aggregation/{qkv}'),
+    (_SAG_BLOCK + r'0\.fn\.to_out\.0', 'entities/aggregation/output'),
+    (_SAG_BLOCK + r'0\.norm', 'entities/aggregation/norm_slots'),
+    (_SAG_BLOCK + r'0\.norm_context', 'entities/norm_inputs'),
+    (_SAG_BLOCK + r'2\.fn\.net\.0', 'entities/aggregation/mlp/fc1'),
+    (_SAG_BLOCK + r'2\.fn\.net\.3', 'entities/aggregation/mlp/fc2'),
+    (_SAG_BLOCK + r'2\.norm', 'entities/aggregation/norm_mlp'),
+    (_SAG_BLOCK + r'4\.0\.0\.fn\.to_(q|k|v)', 'entities/interaction/{qkv}'),
+    (_SAG_BLOCK + r'4\.0\.0\.fn\.to_out\.0', 'entities/interaction/output'),
+    (_SAG_BLOCK + r'4\.0\.0\.norm', 'entities/interaction/norm_attention'),
+    (_SAG_BLOCK + r'4\.0\.2\.fn\.net\.0', 'entities/interaction/mlp/fc1'),
+    (_SAG_BLOCK + r'4\.0\.2\.fn\.net\.3', 'entities/interaction/mlp/fc2'),
+    (_SAG_BLOCK + r'4\.0\.2\.norm', 'entities/interaction/norm_mlp'),
+    (_SAG_AGG + r'last_layer\.1', 'entities/output'),
+    (r'encoders\.img_enc\.set_pred_module\.residual_norm',
+     'entities/norm_output'),
+    (r'encoders\.txt_enc\.linear', 'text_projection'),
+    (r'cma\.attn\.fn\.to_(q|k|v)', 'fusion/{qkv}'),
+    (r'cma\.attn\.fn\.to_out\.0', 'fusion/output'),
+    (r'cma\.attn\.norm', 'fusion/norm_text'),
+    (r'cma\.attn\.norm_context', 'fusion/norm_slots'),
+    (r'cma\.ff\.fn\.net\.0', 'fusion/mlp/fc1'),
+    (r'cma\.ff\.fn\.net\.3', 'fusion/mlp/fc2'),
+    (r'cma\.ff\.norm', 'fusion/norm_mlp'),
+    (r'decoder\.mlp\.(0|2|4|6)', 'decoder/layer_{layer}'),
+)
+_QKV = {'q': 'query', 'k': 'key', 'v': 'value'}
+# Where the official SaG keeps its encoders, and the prefix each encoder
+# converter expects instead.
+SAG_ENCODERS = {'backbone': ('encoders.img_enc.img_backbone.', ''),
+                'text': ('encoders.txt_enc.bert.', 'bert.')}
+_SAG_UNUSED = re.compile(r'encoders\.img_enc\.(residual_fc|set_pred_module'
+                         r'\.fc)\.')
+
+
+def _sag_module(key: str) -> tuple[str, str, int] | None:
+  """(flax module path, torch leaf, aggregation block or -1) of an official
+  SaG key, or None when it is not one of SaG's own layers."""
+  module, _, leaf = key.rpartition('.')
+  for pattern, path in _SAG_MODULES:
+    match = re.fullmatch(pattern.replace('{b}', r'(?P<b>\d+)'), module)
+    if match:
+      groups = [g for g in match.groups() if g is not None]
+      block = int(match['b']) if 'b' in match.groupdict() else -1
+      extra = groups[1:] if block >= 0 else groups
+      path = path.format(qkv=_QKV.get(extra[0], '') if extra else '',
+                         layer=[0, 2, 4, 6].index(int(extra[0]))
+                         if extra and extra[0].isdigit() else '')
+      return path, leaf, block
+  return None
+
+
+def _decoder_position(row: np.ndarray, col: np.ndarray,
+                      grid: tuple[int, int]) -> np.ndarray:
+  """The official decoder's learned position of each patch, [H * W, D]:
+  [col_embed(j) | row_embed(i)] at row i, column j (DETR's
+  `PositionEmbeddingLearned`), row-major."""
+  height, width = grid
+  x = np.broadcast_to(col[None, :width], (height, width, col.shape[-1]))
+  y = np.broadcast_to(row[:height, None], (height, width, row.shape[-1]))
+  return np.concatenate([x, y], -1).reshape(height * width, -1)
+
+
+def sag_official_head(state: Mapping[str, np.ndarray],
+                      target: Mapping[str, Any],
+                      grid: tuple[int, int]) -> Converted:
+  """SaG's own layers (all but the ViT and BERT) from the official SaG's
+  `model` state dict.
+
+  Args:
+    state: {official key: array} (PyTorch layout); the encoders' keys
+      (`SAG_ENCODERS`) are skipped here.
+    target: SaG's variables or shapes, {'params': ...}.
+    grid: The patch grid (h, w) the model runs on, for the decoder's
+      row and column embeddings.
+
+  Returns:
+    The converted variables of the modules `_SAG_MODULES` names, the
+    unused keys (the official `residual_fc` and `set_pred_module.fc`, which
+    its forward pass never reads) and the missing paths.
+
+  Raises:
+    ValueError: naming the key, when a tensor's shape differs from the
+      model's, or an aggregation block differs from block 0 (a checkpoint
+      trained without weight sharing, which this model cannot hold).
+  """
+  wanted = traverse_util.flatten_dict(dict(target))
+  tensors: Tensors = {}
+  block_zero: dict[str, tuple[np.ndarray, str]] = {}
+  unused = []
+  # Sorted, so that aggregation block 0 comes before the blocks after it.
+  for key, array in sorted(state.items()):
+    if any(key.startswith(prefix) for prefix, _ in SAG_ENCODERS.values()):
+      continue
+    found = _sag_module(key)
+    if found is None:
+      if not key.startswith('decoder.pos_emb.'):
+        unused.append(key)
+      continue
+    module, leaf, block = found
+    if block > 0:
+      reference, source = block_zero.get(f'{module}.{leaf}',
+                                         (None, None))
+      if reference is not None and not np.array_equal(reference, array):
+        raise ValueError(f'Checkpoint tensor {key!r} differs from {source!r}: '
+                         'the aggregation blocks do not share weights '
+                         '(trained without --agg_weight_sharing?).')
+      continue
+    if block == 0:
+      block_zero[f'{module}.{leaf}'] = (array, key)
+    path = ('params', *module.split('/'))
+    if leaf == 'weight':
+      path += ('kernel' if (*path, 'kernel') in wanted else 'scale',)
+    else:
+      path += (leaf,)
+    tensors[path] = (_flax_layout(array, path[-1]), key)
+  entities = ('params', 'entities')
+  for name in ('mean', 'log_var'):  # [1, G, D] -> [G, D].
+    source = _SAG_AGG.replace('\\', '') + (
+        'queries.slots_mu' if name == 'mean' else 'queries.slots_log_sigma')
+    if source in state:
+      tensors[(*entities, name)] = (state[source][0], source)
+      unused.remove(source)
+  rows, cols = 'decoder.pos_emb.row_embed.weight', 'decoder.pos_emb.col_embed.weight'
+  if rows in state and cols in state:
+    tensors[('params', 'decoder', 'position')] = (
+        _decoder_position(state[rows], state[cols], grid), f'{rows} + {cols}')
+  placed = {}
+  for path, (array, source) in tensors.items():
+    if path not in wanted:
+      unused.append(source)
+      continue
+    if array.shape != tuple(wanted[path].shape):
+      raise _shape_error(path, source, array, tuple(wanted[path].shape))
+    placed[path] = np.asarray(array, wanted[path].dtype)
+  own = {path[:2] for path in placed}
+  missing = sorted('/'.join(p) for p in wanted
+                   if p[:2] in own and p not in placed)
+  return Converted(traverse_util.unflatten_dict(placed), sorted(unused),
+                   missing)
+
+
 def _log_report(name: str, path: str, converted: Converted) -> None:
   count = len(traverse_util.flatten_dict(converted.variables))
   logging.info('%s: %d tensors from %s.', name, count, path)
@@ -488,20 +646,39 @@ def write_workdir(config: Any, written: Mapping[str, str],
   training with this `model_init` starts from). So `refseg_jax.evaluate`
   and `refseg_jax.predict` take it as they take a trained workdir.
   """
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    config.model_init.update(written)
+  write_variables_workdir(
+      config, lambda variables: load_model_tensors(config.model_init,
+                                                   variables), workdir)
+
+
+def write_variables_workdir(
+    config: Any,
+    converted: Callable[[Mapping[str, Any]],
+                        Mapping[tuple[str, ...], np.ndarray]],
+    workdir: str) -> None:
+  """Writes WORKDIR/config.json and WORKDIR/best/0 (see `write_workdir`).
+
+  Args:
+    config: The config to save (resolved).
+    converted: Given the model's initialised variables, the converted
+      tensors by flattened path (collection first); they replace the
+      initialised ones.
+    workdir: Output directory.
+  """
   # pylint: disable=g-import-not-at-top
   from refseg_jax import checkpointing
   from refseg_jax import results
   from refseg_jax import tasks
   from refseg_jax.data import pipeline
-  config = config.copy_and_resolve_references()
-  with config.unlocked():
-    config.model_init.update(written)
   tokenizer = pipeline.load_tokenizer(config.data.tokenizer, config.data.name)
   task = tasks.build(config, tokenizer.vocab_size)
   # Jitted as training initialises (eager float order differs by an ulp).
   variables = jax.jit(task.init_variables)(jax.random.key(config.seed))
   flat = traverse_util.flatten_dict(variables)
-  flat.update(load_model_tensors(config.model_init, variables))
+  flat.update(converted(variables))
   workdir = epath.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   results.write_json(workdir / 'config.json', config.to_dict())
@@ -512,9 +689,116 @@ def write_workdir(config: Any, written: Mapping[str, str],
          **traverse_util.unflatten_dict(flat)}))
 
 
+def _torch_bilinear_pos_embed(pos_embed: np.ndarray,
+                              grid: tuple[int, int]) -> np.ndarray:
+  """A timm / Segmenter [1, 1 + n * n, D] position embedding resized to
+  `grid` as the official SaG's ViT resizes it at run time
+  (`F.interpolate(mode='bilinear')`: half-pixel centres, no antialiasing),
+  the class token kept."""
+  side = math.isqrt(pos_embed.shape[1] - 1)
+  if (side, side) == tuple(grid):
+    return pos_embed
+  patches = pos_embed[0, 1:].reshape(side, side, -1)
+  resized = jax.image.resize(patches, (*grid, patches.shape[-1]), 'bilinear',
+                             antialias=False)
+  return np.concatenate([pos_embed[:, :1], np.asarray(resized).reshape(
+      1, -1, patches.shape[-1])], axis=1).astype(pos_embed.dtype)
+
+
+def sag_official(state: Mapping[str, np.ndarray], config: Any,
+                 shapes: Mapping[str, Any]) -> dict[Path, np.ndarray]:
+  """Every variable of `configs/text.py`'s SaG from an official SaG
+  training checkpoint's `model` state dict.
+
+  Args:
+    state: {official key: array}; a `module.` prefix (DataParallel) is
+      dropped.
+    config: The text config whose model receives it (its `model.iterations`
+      must be the checkpoint's `--agg_depth`; the ViT's patch grid at
+      `model.image_size` gets the position embeddings, resized as the
+      official model resizes them).
+    shapes: The model's variables or shapes.
+
+  Returns:
+    {flattened variable path: array} of the whole model (ViT and BERT
+    through their converters, SaG's own layers through
+    `sag_official_head`), unused keys logged.
+
+  Raises:
+    ValueError: naming the key or the setting, for a checkpoint that does
+      not fit the config.
+  """
+  state = {k.removeprefix('module.'): v for k, v in state.items()}
+  blocks = {int(m[1]) for k in state
+            if (m := re.match(_SAG_AGG + r'agg_blocks\.(\d+)\.', k))}
+  if blocks and len(blocks) != config.model.iterations:
+    raise ValueError(f'The checkpoint has {len(blocks)} aggregation blocks '
+                     f'(--agg_depth); config.model.iterations is '
+                     f'{config.model.iterations}.')
+  # The ViT's [1, 1 + h * w, D] position embeddings give the patch grid.
+  side = math.isqrt(shapes['params']['backbone']['pos_embed'].shape[1] - 1)
+  grid = (side, side)
+  tensors = {}
+  for module, (prefix, renamed) in SAG_ENCODERS.items():
+    encoder = {renamed + k.removeprefix(prefix): v for k, v in state.items()
+               if k.startswith(prefix)}
+    if 'pos_embed' in encoder:
+      encoder['pos_embed'] = _torch_bilinear_pos_embed(encoder['pos_embed'],
+                                                       grid)
+    target = {collection: tree[module] for collection, tree in shapes.items()
+              if module in tree}
+    converted = convert(encoder, target)
+    _log_report(module, 'the official SaG checkpoint', converted)
+    tensors.update({(collection, module, *rest): value
+                    for (collection, *rest), value in
+                    traverse_util.flatten_dict(converted.variables).items()})
+  head = sag_official_head(state, shapes, grid)
+  _log_report('SaG', 'the official SaG checkpoint', head)
+  tensors.update(traverse_util.flatten_dict(head.variables))
+  return tensors
+
+
+def convert_sag_official(checkpoint: str, config: Any, workdir: str) -> None:
+  """`sag-official`: an official SaG checkpoint -> a workdir of `config`'s
+  model (config.json, best/0) that evaluation and prediction load.
+
+  Args:
+    checkpoint: The official training checkpoint (`ckpt.pth.tar` or
+      `model_best.pth.tar`: a dict whose `model` is the state dict), or a
+      bare state dict.
+    config: A `configs/text.py` config of the official model
+      (`model=paper`), with the tokenizer of its BERT.
+    workdir: Output directory.
+  """
+  from refseg_jax import tasks  # pylint: disable=g-import-not-at-top
+  from refseg_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  config = config.copy_and_resolve_references()
+  state = read_state_dict(checkpoint)
+  tokenizer = pipeline.load_tokenizer(config.data.tokenizer, config.data.name)
+  shapes = jax.eval_shape(tasks.build(config, tokenizer.vocab_size)
+                          .init_variables, jax.random.key(0))
+  tensors = sag_official(state, config, shapes)
+  write_variables_workdir(config, lambda _: tensors, workdir)
+
+
 def main(argv) -> None:
+  if argv[1:] == ['sag-official']:
+    config = flags.FLAGS.config or _default_sag_config()
+    if flags.FLAGS.tokenizer:
+      with config.unlocked():
+        config.data.tokenizer = flags.FLAGS.tokenizer
+    if not flags.FLAGS.checkpoint:
+      raise app.UsageError('sag-official needs --checkpoint=PATH.pth.')
+    convert_sag_official(flags.FLAGS.checkpoint, config, flags.FLAGS.output)
+    print(f'Wrote the workdir {flags.FLAGS.output}: evaluate or predict with '
+          f'--workdir={flags.FLAGS.output}.')
+    return
   if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}; the one '
+                         "command is 'sag-official'.")
+  if flags.FLAGS.config is None:
+    raise app.UsageError('--config is required (the training config whose '
+                         'model_init names the checkpoints).')
   written = convert_config(flags.FLAGS.config, flags.FLAGS.output)
   for name, path in written.items():
     print(f'--config.model_init.{name}={path}')
@@ -524,16 +808,31 @@ def main(argv) -> None:
           'with --workdir; train (in a new workdir) with the flags above.')
 
 
+def _default_sag_config() -> Any:
+  """`configs/text.py:data=refcoco_unc,model=paper`: the official run's."""
+  from refseg_jax import config_lib  # pylint: disable=g-import-not-at-top
+  return config_lib.load(str(epath.Path(__file__).parents[2] / 'configs' /
+                             'text.py') + ':data=refcoco_unc,model=paper')
+
+
 if __name__ == '__main__':
   # Flags are defined only when run as a program (every command does so),
   # so that importing this module defines no flag.
   config_flags.DEFINE_config_file(
       'config', None, 'Training config whose model_init names the '
-      'checkpoints: FILE:ARG.')
+      'checkpoints: FILE:ARG. For sag-official, the model to convert to '
+      '(default configs/text.py:data=refcoco_unc,model=paper).')
   flags.DEFINE_string(
-      'output', None, 'Directory for the converted orbax checkpoints.')
+      'output', None, 'Directory for the converted orbax checkpoints; for '
+      'sag-official, the workdir written.')
+  flags.DEFINE_string(
+      'checkpoint', None, 'sag-official: the official SaG checkpoint '
+      '(.pth / .pth.tar with its `model` state dict).')
+  flags.DEFINE_string(
+      'tokenizer', None, "sag-official: the BERT tokenizer (vocab.txt or a "
+      "local bert-base-uncased directory), if the config has none.")
   flags.DEFINE_string(
       'workdir', None, 'Also write a workdir of the whole model with these '
       'weights (config.json, best/0) for refseg_jax.evaluate / predict.')
-  flags.mark_flags_as_required(['config', 'output'])
+  flags.mark_flags_as_required(['output'])
   app.run(main)

@@ -85,10 +85,22 @@ def _head_widths(in_channels: int, channels: int, layers: int) -> list[int]:
   return [in_channels + 2] + [channels] * (layers - 1) + [1]
 
 
-def normalise_images(images: jax.Array, dtype: Dtype) -> jax.Array:
-  """uint8 [B, S, S, 3] -> ImageNet-normalised `dtype` images."""
+# Per-channel (mean, std) of the [0, 1] pixels, by name: ImageNet's, or
+# 0.5 for both, as timm's ViT-S/16 @384 and the official SaG data use.
+NORMALISATIONS = {'imagenet': (IMAGENET_MEAN, IMAGENET_STD),
+                  'half': ((0.5,) * 3, (0.5,) * 3)}
+
+
+def normalise_images(images: jax.Array, dtype: Dtype,
+                     normalisation: str = 'imagenet') -> jax.Array:
+  """uint8 [B, S, S, 3] -> `dtype` images, (x / 255 - mean) / std with the
+  mean and std of `NORMALISATIONS[normalisation]`."""
+  if normalisation not in NORMALISATIONS:
+    raise ValueError(f'Unknown image normalisation {normalisation!r}; known: '
+                     f'{sorted(NORMALISATIONS)}.')
+  mean, std = NORMALISATIONS[normalisation]
   x = images.astype(jnp.float32) / 255.0
-  x = (x - jnp.asarray(IMAGENET_MEAN)) / jnp.asarray(IMAGENET_STD)
+  x = (x - jnp.asarray(mean)) / jnp.asarray(std)
   return x.astype(dtype)
 
 

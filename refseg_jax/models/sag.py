@@ -1,15 +1,16 @@
 """Shatter and Gather (SaG): text-supervised RES with entity slots.
 
-Kim et al., ICCV 2023; this follows the official code (`kdwonn/SaG`) as
-`../shared/notes/methods.md` describes it:
+Kim et al., ICCV 2023. With its official options this computes what the
+official code (`kdwonn/SaG`, run as its `train_eval_unc.sh`) computes,
+checked tensor by tensor against it (tests/test_sag_parity.py):
 
     image -> ViT -> patch tokens -> Linear(width -> dim)
       '-> entity discovery ("shatter"): K = K_g x K_s slots, slot k drawn
           from Gaussian g; T weight-shared iterations of
-            aggregation: pre-LN slot attention over the pixels (2-D sine
-              position encoding added to keys and values), softmax over
-              SLOTS then renormalised over pixels, S <- S + W_o(A V),
-              then S <- S + MLP(LN S)
+            aggregation: pre-LN slot attention over the pixels, keys and
+              values LN(features + 2-D sine position), no q/k/v bias,
+              softmax over SLOTS then renormalised over pixels,
+              S <- S + W_o(A V), then S <- S + MLP(LN S) (exact GELU)
             interaction: self-attention among the K_s slots of a Gaussian
           -> Linear + LayerNorm
     text -> BERT [CLS] -> Linear(hidden -> dim) = x_t
@@ -21,7 +22,12 @@ Kim et al., ICCV 2023; this follows the official code (`kdwonn/SaG`) as
       the image's score their logsumexp (`SlotMatching`).
     mask(p) = sum_k A_fuse[k] A_slot[k, p] on the patch grid (A_slot: the
       last iteration's slot attention, head-averaged), bilinear to the
-      image, min-max normalised, thresholded at 0.5.
+      image, min-max normalised over the image, thresholded at 0.5.
+
+Every LayerNorm has PyTorch's epsilon 1e-5 and every Linear PyTorch's
+default initialisation; dropout (`SaG.dropout`) follows the `train` flag
+on the attention outputs and MLPs of aggregation and interaction and on
+the fusion's attention output, as in the official layers.
 
 Training fuses every expression with every image of the batch (the C^3
 loss in `refseg_jax.losses`), as one batched computation: text [T, dim]
@@ -50,45 +56,91 @@ from refseg_jax.models import vit
 
 Dtype = Any
 _EPS = 1e-8
+# PyTorch's LayerNorm epsilon (flax's default is 1e-6).
+LAYER_NORM_EPSILON = 1e-5
+# The official slot attention renormalises over the pixels with this.
+_RENORMALISE_EPS = 1e-7
 
 
 def sine_position_encoding(height: int, width: int, dim: int,
                            temperature: float = 10_000.0) -> jax.Array:
-  """DETR's 2-D sine encoding [H * W, dim]: y in the first half, x in the
-  second, each as sin/cos pairs over dim / 4 frequencies."""
+  """DETR's `PositionEmbeddingSine(dim // 2, normalize=True)`, [H * W, dim].
+
+  Row i and column j sit at angles (i + 1) / (H + 1e-6) * 2 pi and
+  (j + 1) / (W + 1e-6) * 2 pi; each half of the channels (y first, then x)
+  holds sin and cos interleaved, channel pair (2m, 2m + 1) at the frequency
+  temperature ** (-2m / (dim / 2)). Row-major over the grid.
+  """
   if dim % 4:
     raise ValueError(f'Sine position encoding needs dim % 4 == 0, not {dim}.')
-  quarter = dim // 4
-  frequencies = temperature ** (-np.arange(quarter) / quarter)
-  ys, xs = np.meshgrid(np.arange(height) + 0.5, np.arange(width) + 0.5,
-                       indexing='ij')
+  half = dim // 2
+  inverse_frequency = temperature ** (-2 * (np.arange(half) // 2) / half)
 
-  def encode(positions):
-    angles = positions.reshape(-1, 1) * frequencies * (2 * np.pi / max(
-        height, width))
-    return np.concatenate([np.sin(angles), np.cos(angles)], axis=-1)
+  def encode(count):
+    angles = ((np.arange(count) + 1) / (count + 1e-6) * 2 * np.pi)[:, None] * (
+        inverse_frequency)
+    return np.where(np.arange(half) % 2 == 0, np.sin(angles), np.cos(angles))
 
-  return jnp.asarray(np.concatenate([encode(ys), encode(xs)], -1),
-                     jnp.float32)
+  y, x = encode(height), encode(width)  # [H, half], [W, half]
+  grid = np.concatenate([np.broadcast_to(y[:, None], (height, width, half)),
+                         np.broadcast_to(x[None], (height, width, half))], -1)
+  return jnp.asarray(grid.reshape(height * width, dim), jnp.float32)
+
+
+def _symmetric_uniform(bound: float) -> nn.initializers.Initializer:
+  """U(-bound, bound)."""
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+  return init
+
+
+def linear(x: jax.Array, features: int, dtype: Dtype, name: str,
+           use_bias: bool = True) -> jax.Array:
+  """A `torch.nn.Linear` on x [..., in]: its default initialisation
+  (weights and bias U(+-1 / sqrt(in))), float32 params. Called inside a
+  compact module, which then holds it as `name`."""
+  return layers.dense(
+      features, dtype, name, use_bias=use_bias,
+      kernel_init=nn.initializers.variance_scaling(1 / 3, 'fan_in',
+                                                   'uniform'),
+      bias_init=_symmetric_uniform(x.shape[-1]**-0.5))(x)
+
+
+def layer_norm(dtype: Dtype, name: str) -> nn.LayerNorm:
+  """A LayerNorm with PyTorch's epsilon."""
+  return layers.layer_norm(dtype, name, epsilon=LAYER_NORM_EPSILON)
 
 
 def _project_heads(layer: nn.Module, x: jax.Array, name: str) -> jax.Array:
-  """The linear map `name` of x [..., D] onto the heads of the attention
-  `layer` (with `heads`, `head_dim` and `dtype`): [..., heads, head_dim]."""
-  return layers.dense(layer.heads * layer.head_dim, layer.dtype, name)(
-      x).reshape(*x.shape[:-1], layer.heads, layer.head_dim)
+  """The bias-free linear map `name` of x [..., D] onto the heads of the
+  attention `layer` (with `heads`, `head_dim` and `dtype`):
+  [..., heads, head_dim]."""
+  return linear(x, layer.heads * layer.head_dim, layer.dtype, name,
+                use_bias=False).reshape(*x.shape[:-1], layer.heads,
+                                        layer.head_dim)
+
+
+def _attention_output(layer: nn.Module, read: jax.Array, dim: int,
+                      train: bool) -> jax.Array:
+  """The heads' read [..., heads, head_dim] merged, mapped back to `dim`
+  (with bias) and dropped out at `layer.dropout` in training."""
+  merged = read.reshape(*read.shape[:-2], -1)
+  return nn.Dropout(layer.dropout, deterministic=not train)(
+      linear(merged, dim, layer.dtype, 'output'))
 
 
 class _Mlp(nn.Module):
-  """dim -> ratio * dim (GELU) -> dim."""
+  """dim -> ratio * dim (exact GELU, dropout) -> dim."""
   ratio: int = 4
+  dropout: float = 0.0
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    hidden = nn.gelu(
-        layers.dense(self.ratio * x.shape[-1], self.dtype, 'fc1')(x))
-    return layers.dense(x.shape[-1], self.dtype, 'fc2')(hidden)
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    hidden = nn.gelu(linear(x, self.ratio * x.shape[-1], self.dtype, 'fc1'),
+                     approximate=False)
+    hidden = nn.Dropout(self.dropout, deterministic=not train)(hidden)
+    return linear(hidden, x.shape[-1], self.dtype, 'fc2')
 
 
 class _SlotAttention(nn.Module):
@@ -97,10 +149,12 @@ class _SlotAttention(nn.Module):
   Attributes:
     heads: Attention heads.
     head_dim: Width of each head.
+    dropout: On the attention's output and inside its MLP, in training.
     dtype: Computation dtype.
   """
   heads: int
   head_dim: int
+  dropout: float = 0.0
   dtype: Dtype = jnp.float32
 
 
@@ -108,26 +162,26 @@ class SlotAggregation(_SlotAttention):
   """One aggregation step: slots attend over the pixels, competing for them."""
 
   @nn.compact
-  def __call__(self, slots: jax.Array, keys: jax.Array, values: jax.Array
+  def __call__(self, slots: jax.Array, inputs: jax.Array, train: bool
                ) -> tuple[jax.Array, jax.Array]:
-    """slots [B, K, D], keys and values [B, N, D] -> (slots, attention).
+    """slots [B, K, D], normalised inputs [B, N, D] (keys and values)
+    -> (slots, attention).
 
     The attention [B, K, N] is softmaxed over the K slots at each pixel
     (and averaged over heads); the update reads the values with it
     renormalised over the pixels of each slot.
     """
-    q = _project_heads(
-        self, layers.layer_norm(self.dtype, 'norm_slots')(slots), 'query')
-    k = _project_heads(self, keys, 'key')
-    v = _project_heads(self, values, 'value')
+    q = _project_heads(self, layer_norm(self.dtype, 'norm_slots')(slots),
+                       'query')
+    k = _project_heads(self, inputs, 'key')
+    v = _project_heads(self, inputs, 'value')
     logits = jnp.einsum('bkhd,bnhd->bhkn', q, k).astype(jnp.float32)
     attention = jax.nn.softmax(logits / np.sqrt(self.head_dim), axis=2)
-    weights = attention / (attention.sum(-1, keepdims=True) + _EPS)
+    weights = attention / (attention.sum(-1, keepdims=True) + _RENORMALISE_EPS)
     updates = jnp.einsum('bhkn,bnhd->bkhd', weights.astype(self.dtype), v)
-    slots = slots + layers.dense(slots.shape[-1], self.dtype, 'output')(
-        updates.reshape(*slots.shape[:2], -1))
-    slots = slots + _Mlp(dtype=self.dtype, name='mlp')(
-        layers.layer_norm(self.dtype, 'norm_mlp')(slots))
+    slots = slots + _attention_output(self, updates, slots.shape[-1], train)
+    slots = slots + _Mlp(dropout=self.dropout, dtype=self.dtype, name='mlp')(
+        layer_norm(self.dtype, 'norm_mlp')(slots), train)
     return slots, attention.mean(1)
 
 
@@ -135,14 +189,17 @@ class SlotInteraction(_SlotAttention):
   """Self-attention (+ MLP) among the slots drawn from one Gaussian."""
 
   @nn.compact
-  def __call__(self, slots: jax.Array) -> jax.Array:
+  def __call__(self, slots: jax.Array, train: bool) -> jax.Array:
     """[B, K_g, K_s, D] -> [B, K_g, K_s, D]."""
-    y = layers.layer_norm(self.dtype, 'norm_attention')(slots)
-    slots = slots + nn.MultiHeadDotProductAttention(
-        self.heads, dtype=self.dtype, param_dtype=jnp.float32,
-        qkv_features=self.heads * self.head_dim, name='attention')(y, y)
-    return slots + _Mlp(dtype=self.dtype, name='mlp')(
-        layers.layer_norm(self.dtype, 'norm_mlp')(slots))
+    normed = layer_norm(self.dtype, 'norm_attention')(slots)
+    q, k, v = (_project_heads(self, normed, name)
+               for name in ('query', 'key', 'value'))
+    logits = jnp.einsum('bgqhd,bgkhd->bghqk', q, k).astype(jnp.float32)
+    attention = jax.nn.softmax(logits / np.sqrt(self.head_dim), axis=-1)
+    read = jnp.einsum('bghqk,bgkhd->bgqhd', attention.astype(self.dtype), v)
+    slots = slots + _attention_output(self, read, slots.shape[-1], train)
+    return slots + _Mlp(dropout=self.dropout, dtype=self.dtype, name='mlp')(
+        layer_norm(self.dtype, 'norm_mlp')(slots), train)
 
 
 class _EntityHeads(nn.Module, kw_only=True):
@@ -162,6 +219,20 @@ class _EntityHeads(nn.Module, kw_only=True):
   interaction_head_dim: int
 
 
+def _slot_mean_init(key, shape, dtype=jnp.float32):
+  """The official Gaussians' means: `xavier_uniform_` of a [1, G, D]
+  tensor (fan in G * D, fan out D), here [G, D]."""
+  groups, dim = shape
+  bound = np.sqrt(6 / ((groups + 1) * dim))
+  return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+def _slot_log_var_init(key, shape, dtype=jnp.float32):
+  """The official log-variances: the same draw as the means, plus
+  log(1 / D), so that |sigma| is about 1 (`--agg_var_scaling 1`)."""
+  return _slot_mean_init(key, shape, dtype) + np.log(1 / shape[1])
+
+
 class EntityDiscovery(_EntityHeads):
   """Shatters pixel features into K_g x K_s entity slots.
 
@@ -169,6 +240,7 @@ class EntityDiscovery(_EntityHeads):
     groups: K_g, the number of learned Gaussians.
     slots_per_group: K_s, slots drawn from each.
     iterations: T, weight-shared aggregation + interaction steps.
+    dropout: Of the aggregation and interaction layers, in training.
     heads, head_dim, interaction_heads, interaction_head_dim: Keyword-only
       (see `_EntityHeads`).
     dtype: Computation dtype.
@@ -176,43 +248,53 @@ class EntityDiscovery(_EntityHeads):
   groups: int
   slots_per_group: int
   iterations: int
+  dropout: float = 0.0
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, features: jax.Array, position: jax.Array
+  def __call__(self, features: jax.Array, position: jax.Array, train: bool
                ) -> tuple[jax.Array, jax.Array]:
     """features [B, N, D], position [N, D] -> slots [B, K, D], A_slot [B, K, N].
 
-    Draws the initial slots from the 'slots' rng stream.
+    Draws the initial slots from the 'slots' rng stream: slot g * K_s + s
+    is mean_g + exp(log_var_g / 2) * noise[:, g, s].
     """
     batch, _, dim = features.shape
-    mean = self.param('mean', nn.initializers.normal(1.0), (self.groups, dim))
-    log_var = self.param('log_var', nn.initializers.constant(np.log(1 / dim)),
-                         (self.groups, dim))
-    noise = jax.random.normal(self.make_rng('slots'), (
-        batch, self.groups, self.slots_per_group, dim))
+    mean = self.param('mean', _slot_mean_init, (self.groups, dim))
+    log_var = self.param('log_var', _slot_log_var_init, (self.groups, dim))
+    noise = self.draw_noise(batch, dim)
     slots = (mean[:, None] + jnp.exp(0.5 * log_var)[:, None] * noise).reshape(
         batch, -1, dim).astype(self.dtype)
-    inputs = layers.layer_norm(self.dtype, 'norm_inputs')(features)
-    keys = values = inputs + position.astype(self.dtype)
-    aggregate = SlotAggregation(self.heads, self.head_dim, self.dtype,
-                                name='aggregation')
+    # Keys and values: LayerNorm(features + position), as the official
+    # pre-norm attention normalises its context.
+    inputs = layer_norm(self.dtype, 'norm_inputs')(
+        features + position.astype(features.dtype))
+    aggregate = SlotAggregation(self.heads, self.head_dim, self.dropout,
+                                self.dtype, name='aggregation')
     interact = SlotInteraction(self.interaction_heads,
-                               self.interaction_head_dim, self.dtype,
-                               name='interaction')
+                               self.interaction_head_dim, self.dropout,
+                               self.dtype, name='interaction')
     for _ in range(self.iterations):
-      slots, attention = aggregate(slots, keys, values)
-      slots = interact(slots.reshape(batch, self.groups, -1, dim)).reshape(
-          batch, -1, dim)
-    slots = layers.layer_norm(self.dtype, 'norm_output')(
-        layers.dense(dim, self.dtype, 'output')(slots))
+      slots, attention = aggregate(slots, inputs, train)
+      slots = interact(slots.reshape(batch, self.groups, -1, dim),
+                       train).reshape(batch, -1, dim)
+    slots = layer_norm(self.dtype, 'norm_output')(
+        linear(slots, dim, self.dtype, 'output'))
     return slots, attention
 
 
+  def draw_noise(self, batch: int, dim: int) -> jax.Array:
+    """The standard-normal draw [B, K_g, K_s, D] the initial slots are made
+    of, from the 'slots' rng stream (a method, so that a test can put the
+    official code's draw in its place with `nn.intercept_methods`)."""
+    return jax.random.normal(self.make_rng('slots'), (
+        batch, self.groups, self.slots_per_group, dim))
+
+
 def unit_vectors(x: jax.Array) -> jax.Array:
-  """x / |x| along the last axis, in float32."""
+  """x / max(|x|, 1e-12) along the last axis (`F.normalize`), in float32."""
   x = x.astype(jnp.float32)
-  return x / (jnp.linalg.norm(x, axis=-1, keepdims=True) + _EPS)
+  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
 class TextSlotFusion(nn.Module):
@@ -220,15 +302,18 @@ class TextSlotFusion(nn.Module):
 
   Attributes:
     heads, head_dim: Attention over the slots.
+    dropout: On the attention's output, in training (the official fusion
+      layer's MLP has none).
     dtype: Computation dtype.
   """
   heads: int = 4
   head_dim: int = 256
+  dropout: float = 0.0
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, text: jax.Array, slots: jax.Array, paired: bool
-               ) -> tuple[jax.Array, jax.Array]:
+  def __call__(self, text: jax.Array, slots: jax.Array, paired: bool,
+               train: bool = False) -> tuple[jax.Array, jax.Array]:
     """Fuses text [T, D] with slots [I, K, D].
 
     Args:
@@ -236,16 +321,15 @@ class TextSlotFusion(nn.Module):
       slots: [I, K, D] the images' slots.
       paired: I == T and text t goes with slots t only; otherwise every
         text is fused with every image.
+      train: Dropout on.
 
     Returns:
       z [T, I', D] (L2-normalised) and A_fuse [T, I', K] (softmax over the
       slots, averaged over heads); I' = 1 when paired, else I.
     """
-    dim = text.shape[-1]
-    width = self.heads * self.head_dim
-    q = _project_heads(
-        self, layers.layer_norm(self.dtype, 'norm_text')(text), 'query')
-    normed = layers.layer_norm(self.dtype, 'norm_slots')(slots)
+    q = _project_heads(self, layer_norm(self.dtype, 'norm_text')(text),
+                       'query')
+    normed = layer_norm(self.dtype, 'norm_slots')(slots)
     k = _project_heads(self, normed, 'key')
     v = _project_heads(self, normed, 'value')
     if paired:  # Text t with slots t: T fusions, laid out as [T, 1, ...].
@@ -257,10 +341,9 @@ class TextSlotFusion(nn.Module):
     attention = jax.nn.softmax(
         logits.astype(jnp.float32) / np.sqrt(self.head_dim), axis=-1)
     read = gather(attention.astype(self.dtype))
-    z = text[:, None] + layers.dense(dim, self.dtype, 'output')(
-        read.reshape(*read.shape[:2], width))
+    z = text[:, None] + _attention_output(self, read, text.shape[-1], train)
     z = z + _Mlp(dtype=self.dtype, name='mlp')(
-        layers.layer_norm(self.dtype, 'norm_mlp')(z))
+        layer_norm(self.dtype, 'norm_mlp')(z), train)
     return unit_vectors(z), attention.mean(2)
 
 
@@ -312,8 +395,12 @@ class SlotDecoder(nn.Module):
   Attributes:
     num_positions: N patch positions.
     features: Width of the reconstructed patch features.
-    hidden: Width of the 4-layer ReLU MLP.
+    hidden: Width of the 4-layer ReLU MLP (the official: the slot width).
     dtype: Computation dtype.
+
+  The official decoder adds learned row and column embeddings
+  ([x_j | y_i] of two `nn.Embedding(50, D / 2)`); `position` holds their
+  sum for each of the N positions (`refseg_jax.models.convert` builds it).
   """
   num_positions: int
   features: int
@@ -327,8 +414,8 @@ class SlotDecoder(nn.Module):
                           (self.num_positions, slots.shape[-1]))
     x = slots[:, :, None] + position.astype(self.dtype)  # [B, K, N, D]
     for i in range(3):
-      x = nn.relu(layers.dense(self.hidden, self.dtype, f'layer_{i}')(x))
-    out = layers.dense(self.features + 1, self.dtype, 'layer_3')(x).astype(
+      x = nn.relu(linear(x, self.hidden, self.dtype, f'layer_{i}'))
+    out = linear(x, self.features + 1, self.dtype, 'layer_3').astype(
         jnp.float32)
     alpha = jax.nn.softmax(out[..., -1], axis=1)  # Over the slots.
     return jnp.einsum('bkn,bknf->bnf', alpha, out[..., :-1])
@@ -358,20 +445,32 @@ def pool_text(encoded: Dict[str, jax.Array], text_mask: jax.Array,
                    "['cls', 'mean'].")
 
 
-def min_max_normalise(maps: jax.Array) -> jax.Array:
-  """Per-example (x - min) / (max - min) of [B, ...] maps."""
-  axes = tuple(range(1, maps.ndim))
-  low = maps.min(axes, keepdims=True)
-  high = maps.max(axes, keepdims=True)
-  return (maps - low) / jnp.maximum(high - low, _EPS)
+def content_region(content_size: jax.Array, size: int) -> jax.Array:
+  """bool [B, size, size]: the canvas pixels an image of int [B, 2]
+  `content_size` (h, w) covers (top-left; the rest is padding)."""
+  index = jnp.arange(size)
+  return ((index[None, :, None] < content_size[:, 0, None, None])
+          & (index[None, None, :] < content_size[:, 1, None, None]))
 
 
-def response_map(mask: jax.Array, size: int) -> jax.Array:
+def min_max_normalise(maps: jax.Array, region: jax.Array) -> jax.Array:
+  """Per-example (x - min) / (max - min + 1e-9) of [B, H, W] maps, with
+  the minimum and maximum taken over the bool [B, H, W] `region` only."""
+  low = jnp.where(region, maps, jnp.inf).min((1, 2), keepdims=True)
+  high = jnp.where(region, maps, -jnp.inf).max((1, 2), keepdims=True)
+  return (maps - low) / (high - low + 1e-9)
+
+
+def response_map(mask: jax.Array, size: int,
+                 content_size: jax.Array) -> jax.Array:
   """SaG's masks [B, h, w] -> canvas responses [B, size, size] that are
   positive on the predicted referent: bilinear to the canvas, min-max
-  normalised, minus the threshold 0.5."""
-  mask = jax.image.resize(mask, (mask.shape[0], size, size), 'bilinear')
-  return min_max_normalise(mask) - 0.5
+  normalised over the image (int [B, 2] `content_size` at the top-left;
+  never over the padding, so the threshold does not move with the aspect
+  ratio), minus the official threshold 0.5."""
+  mask = jax.image.resize(mask.astype(jnp.float32),
+                          (mask.shape[0], size, size), 'bilinear')
+  return min_max_normalise(mask, content_region(content_size, size)) - 0.5
 
 
 class SaG(bert.TextConditioned, _EntityHeads):
@@ -406,6 +505,10 @@ class SaG(bert.TextConditioned, _EntityHeads):
       but the objects, encodes the layout, and C^3 otherwise learns to
       match spatial expressions with it. 1.0 keeps every slot.
     drop_path: The ViT's stochastic depth.
+    dropout: Of the aggregation, interaction and fusion layers (0.1 in the
+      official run), in training.
+    image_normalisation: The pixels' mean and std, a name in
+      `pks.NORMALISATIONS` ('half', mean = std = 0.5, in the official run).
     heads, head_dim, interaction_heads, interaction_head_dim: Keyword-only,
       see `_EntityHeads`; heads and head_dim also shape the fusion
       attention.
@@ -423,6 +526,8 @@ class SaG(bert.TextConditioned, _EntityHeads):
   slot_temperature: float
   max_slot_area: float
   drop_path: float
+  dropout: float
+  image_normalisation: str
 
   @nn.compact
   def __call__(self, images: jax.Array, text_tokens: jax.Array,
@@ -435,7 +540,8 @@ class SaG(bert.TextConditioned, _EntityHeads):
         image-major as `refseg_jax.models.pks.PKS` reads them) have I =
         T / k.
       text_tokens, text_mask: [T, L].
-      train: ViT stochastic depth and BERT dropout (need a 'dropout' rng).
+      train: ViT stochastic depth, BERT's and the slot layers' dropout
+        (need a 'dropout' rng).
       all_pairs: Also fuse every expression with every image (training).
 
     Returns:
@@ -446,30 +552,31 @@ class SaG(bert.TextConditioned, _EntityHeads):
       'scores' [T, I]: stopgrad(x_t) . z_{t,i} ('fusion') or the soft
       maximum over image i's slots ('slot_max').
     """
-    pixels = pks.normalise_images(images, self.dtype)
+    pixels = pks.normalise_images(images, self.dtype,
+                                  self.image_normalisation)
     tokens = vit.ViT(**vit.PRESETS[self.vit_preset],
                      image_size=self.image_size, drop_path_rate=self.drop_path,
                      dtype=self.dtype, name='backbone')(pixels, train)
     _, grid_h, grid_w, width = tokens['grid'].shape
-    features = layers.dense(self.dim, self.dtype, 'visual_projection')(
-        tokens['tokens'])
+    features = linear(tokens['tokens'], self.dim, self.dtype,
+                      'visual_projection')
     slots, slot_attention = EntityDiscovery(
-        self.groups, self.slots_per_group, self.iterations, self.dtype,
-        heads=self.heads, head_dim=self.head_dim,
+        self.groups, self.slots_per_group, self.iterations, self.dropout,
+        self.dtype, heads=self.heads, head_dim=self.head_dim,
         interaction_heads=self.interaction_heads,
         interaction_head_dim=self.interaction_head_dim, name='entities')(
-            features, sine_position_encoding(grid_h, grid_w, self.dim))
+            features, sine_position_encoding(grid_h, grid_w, self.dim), train)
 
     encoded = self.encode_text(text_tokens, text_mask, train)
-    text = layers.dense(self.dim, self.dtype, 'text_projection')(
-        pool_text(encoded, text_mask, self.text_pooling))
+    text = linear(pool_text(encoded, text_mask, self.text_pooling), self.dim,
+                  self.dtype, 'text_projection')
 
     num_texts, num_images = text.shape[0], images.shape[0]
     image_of = jnp.arange(num_texts) // pks.group_size(num_images, num_texts)
-    own_kwargs = all_kwargs = {}
     if self.gather == 'fusion':
-      fusion = TextSlotFusion(self.heads, self.head_dim, self.dtype,
-                              name='fusion')
+      fusion = TextSlotFusion(self.heads, self.head_dim, self.dropout,
+                              self.dtype, name='fusion')
+      own_kwargs = all_kwargs = {'train': train}
     elif self.gather == 'slot_max':
       fusion = SlotMatching(self.slot_temperature, self.dtype, name='matching')
       area = slot_attention.mean(-1)  # [I, K] fractions of the image.

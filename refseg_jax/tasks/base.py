@@ -109,7 +109,9 @@ class Task:
     """(total, {term: value}) of a training forward pass's outputs."""
     raise NotImplementedError
 
-  def response_map(self, outputs: Outputs, size: int) -> jax.Array:
+  def response_map(self, outputs: Outputs, size: int,
+                   content_size: jax.Array) -> jax.Array:
     """[B, size, size] canvas map of an inference forward pass, > 0 on the
-    predicted referent."""
+    predicted referent; int [B, 2] `content_size` is the (h, w) the image
+    takes at the canvas' top-left (the rest is padding)."""
     raise NotImplementedError

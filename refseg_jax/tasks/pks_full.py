@@ -44,9 +44,10 @@ class PKSFull(base.Task):
     del step  # No term is scheduled.
     return full_supervision_loss(outputs, batch, **self.config.loss)
 
-  def response_map(self, outputs, size):
+  def response_map(self, outputs, size, content_size):
     """The mask logits (kernel at the heatmap peak) bilinearly upsampled to
-    the canvas."""
+    the canvas (thresholded at 0, so the padding does not matter)."""
+    del content_size
     logits = outputs['mask_logits']
     return jax.image.resize(logits, (logits.shape[0], size, size), 'bilinear')
 

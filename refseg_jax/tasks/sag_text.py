@@ -35,20 +35,24 @@ class SaGText(base.Task):
   def loss(self, outputs, batch, step):
     return text_supervision_loss(outputs, batch, step, **self.config.loss)
 
-  def response_map(self, outputs, size):
-    return sag.response_map(outputs['mask'], size)
+  def response_map(self, outputs, size, content_size):
+    return sag.response_map(outputs['mask'], size, content_size)
 
 
 def text_supervision_loss(
     outputs: base.Outputs, batch: base.Batch, step: jax.Array, *, c3: float,
     reconstruction: float, mask_same_image: bool, warmup_steps: int
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """SaG's loss: C^3 + reconstruction, scaled by min(step / warmup, 1).
+  """SaG's loss: C^3 + reconstruction, scaled by min((step + 1) / warmup, 1).
+
+  The official loop scales the loss of its 1-based iteration n by
+  n / warmup; `step` is 0-based (the train state's step before the
+  update), hence step + 1.
 
   Args:
     outputs: `SaG` outputs run with `all_pairs=True`.
     batch: A 'text' batch (image, tokens, image_id).
-    step: The training step, for the warm-up scaling.
+    step: The 0-based training step, for the warm-up scaling.
     c3, reconstruction: the terms' weights.
     mask_same_image: Leave other expressions' copies of an expression's
       own image out of its negatives (the official code counts them).
@@ -68,4 +72,4 @@ def text_supervision_loss(
   }
   total = weighting.weighted_sum(
       terms, dict(c3=c3, reconstruction=reconstruction))
-  return weighting.linear_warmup(step, warmup_steps) * total, terms
+  return weighting.linear_warmup(step + 1, warmup_steps) * total, terms
