@@ -22,8 +22,10 @@ seeds 0, 1, 2: validation mIoU 30.01 ± 0.32, PointM 41.75 ± 0.28
 Variants, big_vision style, after a colon:
 
     --config=configs/text.py:data=ref_shapes_tiny   # 64 px smoke test
-    --config=configs/text.py:model=paper            # ViT-S/16 @384, BERT-base,
-        # 18 x 2 slots, AdamW 1e-5 (ViT 0.1x), grad-clip 0.1, loss warm-up 5k
+    --config=configs/text.py:model=paper            # the official run:
+        # ViT-S/16 @384 (stretched, mean = std = 0.5), BERT-base, 12 x 3
+        # slots, 50 epochs of AdamW 1e-5 (ViT 0.1x), constant 5k steps then
+        # cosine, weight decay on every parameter (docs/supervision.md)
     --config=configs/text.py:data=refcoco_unc,model=paper  # RefCOCO (UNC),
         # eval val/testA/testB; also refcoco_google, refcocoplus_unc,
         # refcocog_umd, refcocog_google. Build it and set
@@ -34,8 +36,10 @@ Variants, big_vision style, after a colon:
 against the model's masks: what the slots lose, what the gathering loses.
 
 `--config.loss.mask_same_image=False` counts other copies of an
-expression's own image as negatives, as the official code does. Shared
-values are in `configs/common.py`.
+expression's own image as negatives, as the official code (and the paper
+variant) does. An official SaG checkpoint becomes a workdir with
+`python -m refseg_jax.models.convert sag-official` (docs/pretrained.md).
+Shared values are in `configs/common.py`.
 """
 
 from ml_collections import config_dict

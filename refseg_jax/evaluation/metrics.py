@@ -22,7 +22,9 @@ Edge-case conventions:
 
 Geometry contract of the input pipeline: an (H, W) image is resized by
 `S / max(H, W)` to content size (h, w) and placed at the top-left of an S×S
-canvas; the ground truth is an (H, W) mask zero-padded bottom/right to M×M.
+canvas (`config.data.resize='letterbox'`), or stretched to the whole
+canvas, (h, w) = (S, S) (`'stretch'`); the ground truth is an (H, W) mask
+zero-padded bottom/right to M×M.
 """
 
 from __future__ import annotations

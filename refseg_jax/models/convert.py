@@ -37,6 +37,15 @@ lacks) are returned and logged as unused, model variables the checkpoint
 lacks as missing; the buffers `position_ids` and `num_batches_tracked` are
 skipped silently.
 
+The official Shatter and Gather's training checkpoints (kdwonn/SaG) have
+their own command, which writes a workdir of `configs/text.py:model=paper`
+(`convert_sag_official`; names mapped by `sag_official_head`, the encoders
+by the rules above):
+
+    python -m refseg_jax.models.convert sag-official \
+        --checkpoint=model_best.pth.tar --tokenizer=/ckpt/bert-base-uncased \
+        --output=/ckpt/sag_official   # a workdir: evaluate / predict it
+
 Command line: convert once, for the encoders a training config's
 `model_init` names, into orbax checkpoints that later runs read directly:
 
@@ -783,12 +792,12 @@ def convert_sag_official(checkpoint: str, config: Any, workdir: str) -> None:
 
 def main(argv) -> None:
   if argv[1:] == ['sag-official']:
+    if not flags.FLAGS.checkpoint:
+      raise app.UsageError('sag-official needs --checkpoint=PATH.pth.')
     config = flags.FLAGS.config or _default_sag_config()
     if flags.FLAGS.tokenizer:
       with config.unlocked():
         config.data.tokenizer = flags.FLAGS.tokenizer
-    if not flags.FLAGS.checkpoint:
-      raise app.UsageError('sag-official needs --checkpoint=PATH.pth.')
     convert_sag_official(flags.FLAGS.checkpoint, config, flags.FLAGS.output)
     print(f'Wrote the workdir {flags.FLAGS.output}: evaluate or predict with '
           f'--workdir={flags.FLAGS.output}.')
