@@ -486,7 +486,8 @@ OFFICIAL_HEAD = {
     AGG + 'last_layer.1': 'entities/output',
     **{f'cma.attn.fn.to_{a}': f'fusion/{b}' for a, b in
        (('q', 'query'), ('k', 'key'), ('v', 'value'))},
-    'cma.attn.fn.to_out.0': 'fusion/output', 'cma.attn.norm': 'fusion/norm_text',
+    'cma.attn.fn.to_out.0': 'fusion/output',
+    'cma.attn.norm': 'fusion/norm_text',
     'cma.attn.norm_context': 'fusion/norm_slots',
     'cma.ff.fn.net.0': 'fusion/mlp/fc1', 'cma.ff.fn.net.3': 'fusion/mlp/fc2',
     'cma.ff.norm': 'fusion/norm_mlp',
@@ -503,7 +504,8 @@ AGG_BLOCK = {
     '4.0.0.fn.to_out.0': 'interaction/output',
     '4.0.0.norm': 'interaction/norm_attention',
     '4.0.2.fn.net.0': 'interaction/mlp/fc1',
-    '4.0.2.fn.net.3': 'interaction/mlp/fc2', '4.0.2.norm': 'interaction/norm_mlp',
+    '4.0.2.fn.net.3': 'interaction/mlp/fc2',
+    '4.0.2.norm': 'interaction/norm_mlp',
 }
 
 
@@ -535,19 +537,23 @@ def official_sag_state(params, iterations, rng):
   return state
 
 
-def sag_official_config():
-  """A small text config of the official model's options."""
+@pytest.fixture(scope='module')
+def official_sag_model():
+  """(config, its model's variable shapes, random initial variables) of a
+  small text config with the official model's options."""
   config = config_lib.load(f'{REPO}/configs/text.py:data=ref_shapes_tiny')
   config.model.update(gather='fusion', reconstruct='features',
                       text_pooling='cls', iterations=2, dropout=0.1,
-                      image_normalisation='half', vit_preset='tiny')
-  return config
-
-
-def test_official_sag_checkpoint_becomes_a_workdir(tmp_path):
-  config = sag_official_config()
+                      image_normalisation='half', initialisation='official',
+                      vit_preset='tiny')
   task = tasks.build(config, VOCAB)
-  ours = jax.device_get(jax.jit(task.init_variables)(jax.random.key(3)))
+  return (config, jax.eval_shape(task.init_variables, jax.random.key(0)),
+          jax.device_get(jax.jit(task.init_variables)(jax.random.key(3))))
+
+
+def test_official_sag_checkpoint_becomes_a_workdir(official_sag_model,
+                                                   tmp_path):
+  config, _, ours = official_sag_model
   rng = np.random.default_rng(0)
   head = official_sag_state(ours['params'], 2, rng)
   # The ViT at 80 px (10 x 10 patches; ours runs 8 x 8) and a BERT, both
@@ -603,12 +609,10 @@ def test_official_sag_checkpoint_becomes_a_workdir(tmp_path):
   assert prediction.mask.shape == (20, 36)
 
 
-def test_official_sag_checkpoint_that_does_not_fit_is_named():
-  config = sag_official_config()
-  task = tasks.build(config, VOCAB)
-  shapes = jax.eval_shape(task.init_variables, jax.random.key(0))
-  params = jax.device_get(jax.jit(task.init_variables)(jax.random.key(3))
-                          )['params']
+def test_official_sag_checkpoint_that_does_not_fit_is_named(
+    official_sag_model):
+  config, shapes, variables = official_sag_model
+  params = variables['params']
   state = official_sag_state(params, 3, np.random.default_rng(0))
   with pytest.raises(ValueError, match='3 aggregation blocks'):
     convert.sag_official(state, config, shapes)

@@ -46,7 +46,8 @@ def sag_fields(flags: dict) -> dict:
       interaction_head_dim=flags['agg_latent_dim'],
       decoder_hidden=flags['embed_dim'], reconstruct='features',
       text_pooling='cls', gather='fusion', dropout=0.1,
-      image_normalisation='half', image_size=flags['crop_size'])
+      image_normalisation='half', initialisation='official',
+      image_size=flags['crop_size'])
 
 
 @pytest.fixture(scope='module')

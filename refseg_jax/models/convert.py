@@ -449,6 +449,13 @@ _SAG_MODULES = (
     (r'decoder\.mlp\.(0|2|4|6)', 'decoder/layer_{layer}'),
 )
 _QKV = {'q': 'query', 'k': 'key', 'v': 'value'}
+# The slot Gaussians, [1, G, D] officially, [G, D] here.
+_SAG_QUERIES = {
+    'mean': 'encoders.img_enc.set_pred_module.agg.queries.slots_mu',
+    'log_var': 'encoders.img_enc.set_pred_module.agg.queries.slots_log_sigma'}
+# The decoder's learned row and column embeddings (`_decoder_position`).
+_SAG_DECODER_EMBEDDINGS = ('decoder.pos_emb.row_embed.weight',
+                           'decoder.pos_emb.col_embed.weight')
 # Where the official SaG keeps its encoders, and the prefix each encoder
 # converter expects instead.
 SAG_ENCODERS = {'backbone': ('encoders.img_enc.img_backbone.', ''),
@@ -512,14 +519,15 @@ def sag_official_head(state: Mapping[str, np.ndarray],
   tensors: Tensors = {}
   block_zero: dict[str, tuple[np.ndarray, str]] = {}
   unused = []
+  special = {*_SAG_QUERIES.values(), *_SAG_DECODER_EMBEDDINGS}
   # Sorted, so that aggregation block 0 comes before the blocks after it.
   for key, array in sorted(state.items()):
-    if any(key.startswith(prefix) for prefix, _ in SAG_ENCODERS.values()):
+    if key in special or any(key.startswith(prefix)
+                             for prefix, _ in SAG_ENCODERS.values()):
       continue
     found = _sag_module(key)
     if found is None:
-      if not key.startswith('decoder.pos_emb.'):
-        unused.append(key)
+      unused.append(key)
       continue
     module, leaf, block = found
     if block > 0:
@@ -538,14 +546,10 @@ def sag_official_head(state: Mapping[str, np.ndarray],
     else:
       path += (leaf,)
     tensors[path] = (_flax_layout(array, path[-1]), key)
-  entities = ('params', 'entities')
-  for name in ('mean', 'log_var'):  # [1, G, D] -> [G, D].
-    source = _SAG_AGG.replace('\\', '') + (
-        'queries.slots_mu' if name == 'mean' else 'queries.slots_log_sigma')
+  for name, source in _SAG_QUERIES.items():
     if source in state:
-      tensors[(*entities, name)] = (state[source][0], source)
-      unused.remove(source)
-  rows, cols = 'decoder.pos_emb.row_embed.weight', 'decoder.pos_emb.col_embed.weight'
+      tensors[('params', 'entities', name)] = (state[source][0], source)
+  rows, cols = _SAG_DECODER_EMBEDDINGS
   if rows in state and cols in state:
     tensors[('params', 'decoder', 'position')] = (
         _decoder_position(state[rows], state[cols], grid), f'{rows} + {cols}')

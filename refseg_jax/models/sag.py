@@ -94,16 +94,31 @@ def _symmetric_uniform(bound: float) -> nn.initializers.Initializer:
   return init
 
 
-def linear(x: jax.Array, features: int, dtype: Dtype, name: str,
+# The initialisations of SaG's own layers, by name (`SaG.initialisation`):
+# 'official', PyTorch's (Linear weights and biases U(+-1 / sqrt(in))) and
+# the official slot distributions (`_slot_mean_init`); 'from_scratch',
+# flax's Dense default (LeCun normal, zero bias) and Gaussians whose means
+# are spread as N(0, 1), variances 1 / D, which train the tiny model from
+# scratch on ref_shapes far better (docs/results.md, issue 21).
+INITIALISATIONS = ('official', 'from_scratch')
+
+
+def linear(layer: nn.Module, x: jax.Array, features: int, name: str,
            use_bias: bool = True) -> jax.Array:
-  """A `torch.nn.Linear` on x [..., in]: its default initialisation
-  (weights and bias U(+-1 / sqrt(in))), float32 params. Called inside a
-  compact module, which then holds it as `name`."""
-  return layers.dense(
-      features, dtype, name, use_bias=use_bias,
-      kernel_init=nn.initializers.variance_scaling(1 / 3, 'fan_in',
-                                                   'uniform'),
-      bias_init=_symmetric_uniform(x.shape[-1]**-0.5))(x)
+  """A Linear on x [..., in] inside the compact module `layer` (which
+  holds it as `name`), with `layer.dtype` and the `layer.initialisation`
+  initialisation (`INITIALISATIONS`); float32 params."""
+  if layer.initialisation == 'official':
+    inits = dict(kernel_init=nn.initializers.variance_scaling(
+        1 / 3, 'fan_in', 'uniform'),
+                 bias_init=_symmetric_uniform(x.shape[-1]**-0.5))
+  elif layer.initialisation == 'from_scratch':
+    inits = {}
+  else:
+    raise ValueError(f'Unknown SaG initialisation={layer.initialisation!r}; '
+                     f'known: {INITIALISATIONS}.')
+  return layers.dense(features, layer.dtype, name, use_bias=use_bias,
+                      **inits)(x)
 
 
 def layer_norm(dtype: Dtype, name: str) -> nn.LayerNorm:
@@ -115,7 +130,7 @@ def _project_heads(layer: nn.Module, x: jax.Array, name: str) -> jax.Array:
   """The bias-free linear map `name` of x [..., D] onto the heads of the
   attention `layer` (with `heads`, `head_dim` and `dtype`):
   [..., heads, head_dim]."""
-  return linear(x, layer.heads * layer.head_dim, layer.dtype, name,
+  return linear(layer, x, layer.heads * layer.head_dim, name,
                 use_bias=False).reshape(*x.shape[:-1], layer.heads,
                                         layer.head_dim)
 
@@ -126,21 +141,22 @@ def _attention_output(layer: nn.Module, read: jax.Array, dim: int,
   (with bias) and dropped out at `layer.dropout` in training."""
   merged = read.reshape(*read.shape[:-2], -1)
   return nn.Dropout(layer.dropout, deterministic=not train)(
-      linear(merged, dim, layer.dtype, 'output'))
+      linear(layer, merged, dim, 'output'))
 
 
 class _Mlp(nn.Module):
   """dim -> ratio * dim (exact GELU, dropout) -> dim."""
   ratio: int = 4
   dropout: float = 0.0
+  initialisation: str = 'official'
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    hidden = nn.gelu(linear(x, self.ratio * x.shape[-1], self.dtype, 'fc1'),
+    hidden = nn.gelu(linear(self, x, self.ratio * x.shape[-1], 'fc1'),
                      approximate=False)
     hidden = nn.Dropout(self.dropout, deterministic=not train)(hidden)
-    return linear(hidden, x.shape[-1], self.dtype, 'fc2')
+    return linear(self, hidden, x.shape[-1], 'fc2')
 
 
 class _SlotAttention(nn.Module):
@@ -150,11 +166,13 @@ class _SlotAttention(nn.Module):
     heads: Attention heads.
     head_dim: Width of each head.
     dropout: On the attention's output and inside its MLP, in training.
+    initialisation: Of the layers, one of `INITIALISATIONS`.
     dtype: Computation dtype.
   """
   heads: int
   head_dim: int
   dropout: float = 0.0
+  initialisation: str = 'official'
   dtype: Dtype = jnp.float32
 
 
@@ -180,7 +198,9 @@ class SlotAggregation(_SlotAttention):
     weights = attention / (attention.sum(-1, keepdims=True) + _RENORMALISE_EPS)
     updates = jnp.einsum('bhkn,bnhd->bkhd', weights.astype(self.dtype), v)
     slots = slots + _attention_output(self, updates, slots.shape[-1], train)
-    slots = slots + _Mlp(dropout=self.dropout, dtype=self.dtype, name='mlp')(
+    slots = slots + _Mlp(dropout=self.dropout,
+                          initialisation=self.initialisation,
+                          dtype=self.dtype, name='mlp')(
         layer_norm(self.dtype, 'norm_mlp')(slots), train)
     return slots, attention.mean(1)
 
@@ -198,7 +218,9 @@ class SlotInteraction(_SlotAttention):
     attention = jax.nn.softmax(logits / np.sqrt(self.head_dim), axis=-1)
     read = jnp.einsum('bghqk,bgkhd->bgqhd', attention.astype(self.dtype), v)
     slots = slots + _attention_output(self, read, slots.shape[-1], train)
-    return slots + _Mlp(dropout=self.dropout, dtype=self.dtype, name='mlp')(
+    return slots + _Mlp(dropout=self.dropout,
+                          initialisation=self.initialisation,
+                          dtype=self.dtype, name='mlp')(
         layer_norm(self.dtype, 'norm_mlp')(slots), train)
 
 
@@ -233,6 +255,16 @@ def _slot_log_var_init(key, shape, dtype=jnp.float32):
   return _slot_mean_init(key, shape, dtype) + np.log(1 / shape[1])
 
 
+def _slot_inits(initialisation: str
+                ) -> tuple[nn.initializers.Initializer, ...]:
+  """The (mean, log-variance) initialisers of the slot Gaussians."""
+  if initialisation == 'official':
+    return _slot_mean_init, _slot_log_var_init
+  return (nn.initializers.normal(1.0),
+          lambda key, shape, dtype=jnp.float32: jnp.full(
+              shape, np.log(1 / shape[1]), dtype))
+
+
 class EntityDiscovery(_EntityHeads):
   """Shatters pixel features into K_g x K_s entity slots.
 
@@ -241,6 +273,7 @@ class EntityDiscovery(_EntityHeads):
     slots_per_group: K_s, slots drawn from each.
     iterations: T, weight-shared aggregation + interaction steps.
     dropout: Of the aggregation and interaction layers, in training.
+    initialisation: One of `INITIALISATIONS`.
     heads, head_dim, interaction_heads, interaction_head_dim: Keyword-only
       (see `_EntityHeads`).
     dtype: Computation dtype.
@@ -249,6 +282,7 @@ class EntityDiscovery(_EntityHeads):
   slots_per_group: int
   iterations: int
   dropout: float = 0.0
+  initialisation: str = 'official'
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -260,8 +294,9 @@ class EntityDiscovery(_EntityHeads):
     is mean_g + exp(log_var_g / 2) * noise[:, g, s].
     """
     batch, _, dim = features.shape
-    mean = self.param('mean', _slot_mean_init, (self.groups, dim))
-    log_var = self.param('log_var', _slot_log_var_init, (self.groups, dim))
+    mean_init, log_var_init = _slot_inits(self.initialisation)
+    mean = self.param('mean', mean_init, (self.groups, dim))
+    log_var = self.param('log_var', log_var_init, (self.groups, dim))
     noise = self.draw_noise(batch, dim)
     slots = (mean[:, None] + jnp.exp(0.5 * log_var)[:, None] * noise).reshape(
         batch, -1, dim).astype(self.dtype)
@@ -270,16 +305,18 @@ class EntityDiscovery(_EntityHeads):
     inputs = layer_norm(self.dtype, 'norm_inputs')(
         features + position.astype(features.dtype))
     aggregate = SlotAggregation(self.heads, self.head_dim, self.dropout,
-                                self.dtype, name='aggregation')
+                                self.initialisation, self.dtype,
+                                name='aggregation')
     interact = SlotInteraction(self.interaction_heads,
                                self.interaction_head_dim, self.dropout,
-                               self.dtype, name='interaction')
+                               self.initialisation, self.dtype,
+                               name='interaction')
     for _ in range(self.iterations):
       slots, attention = aggregate(slots, inputs, train)
       slots = interact(slots.reshape(batch, self.groups, -1, dim),
                        train).reshape(batch, -1, dim)
     slots = layer_norm(self.dtype, 'norm_output')(
-        linear(slots, dim, self.dtype, 'output'))
+        linear(self, slots, dim, 'output'))
     return slots, attention
 
 
@@ -304,11 +341,13 @@ class TextSlotFusion(nn.Module):
     heads, head_dim: Attention over the slots.
     dropout: On the attention's output, in training (the official fusion
       layer's MLP has none).
+    initialisation: Of the layers, one of `INITIALISATIONS`.
     dtype: Computation dtype.
   """
   heads: int = 4
   head_dim: int = 256
   dropout: float = 0.0
+  initialisation: str = 'official'
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -342,7 +381,8 @@ class TextSlotFusion(nn.Module):
         logits.astype(jnp.float32) / np.sqrt(self.head_dim), axis=-1)
     read = gather(attention.astype(self.dtype))
     z = text[:, None] + _attention_output(self, read, text.shape[-1], train)
-    z = z + _Mlp(dtype=self.dtype, name='mlp')(
+    z = z + _Mlp(initialisation=self.initialisation, dtype=self.dtype,
+                 name='mlp')(
         layer_norm(self.dtype, 'norm_mlp')(z), train)
     return unit_vectors(z), attention.mean(2)
 
@@ -396,6 +436,7 @@ class SlotDecoder(nn.Module):
     num_positions: N patch positions.
     features: Width of the reconstructed patch features.
     hidden: Width of the 4-layer ReLU MLP (the official: the slot width).
+    initialisation: Of the layers, one of `INITIALISATIONS`.
     dtype: Computation dtype.
 
   The official decoder adds learned row and column embeddings
@@ -405,6 +446,7 @@ class SlotDecoder(nn.Module):
   num_positions: int
   features: int
   hidden: int = 512
+  initialisation: str = 'official'
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -414,8 +456,8 @@ class SlotDecoder(nn.Module):
                           (self.num_positions, slots.shape[-1]))
     x = slots[:, :, None] + position.astype(self.dtype)  # [B, K, N, D]
     for i in range(3):
-      x = nn.relu(linear(x, self.hidden, self.dtype, f'layer_{i}'))
-    out = linear(x, self.features + 1, self.dtype, 'layer_3').astype(
+      x = nn.relu(linear(self, x, self.hidden, f'layer_{i}'))
+    out = linear(self, x, self.features + 1, 'layer_3').astype(
         jnp.float32)
     alpha = jax.nn.softmax(out[..., -1], axis=1)  # Over the slots.
     return jnp.einsum('bkn,bknf->bnf', alpha, out[..., :-1])
@@ -509,6 +551,9 @@ class SaG(bert.TextConditioned, _EntityHeads):
       official run), in training.
     image_normalisation: The pixels' mean and std, a name in
       `pks.NORMALISATIONS` ('half', mean = std = 0.5, in the official run).
+    initialisation: Of SaG's own layers and slot distributions, one of
+      `INITIALISATIONS`
+      ('official' in the official run).
     heads, head_dim, interaction_heads, interaction_head_dim: Keyword-only,
       see `_EntityHeads`; heads and head_dim also shape the fusion
       attention.
@@ -528,6 +573,7 @@ class SaG(bert.TextConditioned, _EntityHeads):
   drop_path: float
   dropout: float
   image_normalisation: str
+  initialisation: str
 
   @nn.compact
   def __call__(self, images: jax.Array, text_tokens: jax.Array,
@@ -558,24 +604,24 @@ class SaG(bert.TextConditioned, _EntityHeads):
                      image_size=self.image_size, drop_path_rate=self.drop_path,
                      dtype=self.dtype, name='backbone')(pixels, train)
     _, grid_h, grid_w, width = tokens['grid'].shape
-    features = linear(tokens['tokens'], self.dim, self.dtype,
-                      'visual_projection')
+    features = linear(self, tokens['tokens'], self.dim, 'visual_projection')
     slots, slot_attention = EntityDiscovery(
         self.groups, self.slots_per_group, self.iterations, self.dropout,
-        self.dtype, heads=self.heads, head_dim=self.head_dim,
+        self.initialisation, self.dtype, heads=self.heads,
+        head_dim=self.head_dim,
         interaction_heads=self.interaction_heads,
         interaction_head_dim=self.interaction_head_dim, name='entities')(
             features, sine_position_encoding(grid_h, grid_w, self.dim), train)
 
     encoded = self.encode_text(text_tokens, text_mask, train)
-    text = linear(pool_text(encoded, text_mask, self.text_pooling), self.dim,
-                  self.dtype, 'text_projection')
+    text = linear(self, pool_text(encoded, text_mask, self.text_pooling),
+                  self.dim, 'text_projection')
 
     num_texts, num_images = text.shape[0], images.shape[0]
     image_of = jnp.arange(num_texts) // pks.group_size(num_images, num_texts)
     if self.gather == 'fusion':
       fusion = TextSlotFusion(self.heads, self.head_dim, self.dropout,
-                              self.dtype, name='fusion')
+                              self.initialisation, self.dtype, name='fusion')
       own_kwargs = all_kwargs = {'train': train}
     elif self.gather == 'slot_max':
       fusion = SlotMatching(self.slot_temperature, self.dtype, name='matching')
@@ -609,7 +655,8 @@ class SaG(bert.TextConditioned, _EntityHeads):
         'mask': mask.reshape(num_texts, grid_h, grid_w),
         'reconstruction_target': target.astype(jnp.float32),
         'reconstruction': SlotDecoder(grid_h * grid_w, target.shape[-1],
-                                      self.decoder_hidden, self.dtype,
+                                      self.decoder_hidden, self.initialisation,
+                                      self.dtype,
                                       name='decoder')(slots),
     }
     if all_pairs:
