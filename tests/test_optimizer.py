@@ -280,12 +280,12 @@ def test_a_resumed_epoch_config_checks_against_its_resolved_steps():
     config.total_steps = train.resolve_total_steps(config, 240)
     return config
   saved = resolved(3.0).to_dict()
-  assert saved['total_steps'] == 23  # 3 x 240 / 32 = 22.5.
+  assert saved['total_steps'] == 24  # 3 epochs x ceil(240 / 32) = 3 x 8.
   assert not config_lib.check_resume(saved, resolved(3.0))
   # Checked before resolving, the config's own total_steps would differ.
   unresolved = FULL.copy_and_resolve_references()
   unresolved.total_epochs = 3.0
-  with pytest.raises(ValueError, match='total_steps: 23 -> 2400'):
+  with pytest.raises(ValueError, match='total_steps: 24 -> 2400'):
     config_lib.check_resume(saved, unresolved)
   with pytest.raises(ValueError, match='total_epochs.*total_steps'):
     config_lib.check_resume(saved, resolved(4.0))
