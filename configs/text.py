@@ -16,8 +16,10 @@ mean of BERT's token states, and the expression gathers slots by slot
 matching, leaving out slots that cover over 20 % of the image
 (docs/results.md compares these with the official ViT features, [CLS] and
 fusion layer). Measured on a 2-core CPU (2026-12-03), mean ± std over
-seeds 0, 1, 2: validation mIoU 30.01 ± 0.32, PointM 41.75 ± 0.28
-(the supervision benchmark, docs/results.md).
+seeds 0, 1, 2 (the supervision benchmark, docs/results.md): validation
+mIoU 24.52 ± 5.16, PointM 34.75 ± 6.35 with the official layers (issue
+21; seeds 21.46, 21.62, 30.49 mIoU), against 30.01 ± 0.32 and 41.75 ±
+0.28 before them: a regression still open.
 
 Variants, big_vision style, after a colon:
 
