@@ -416,20 +416,22 @@ def load(path: str, target: Mapping[str, Any]) -> Converted:
 
 # The official SaG (kdwonn/SaG, `CrossModalAttentionRecon`) names of the
 # modules of `refseg_jax.models.sag.SaG`'s own layers (not the encoders),
-# by regex -> flax module path. `{b}` is aggregation block 0; the blocks
-# after it share its weights (`--agg_weight_sharing`) and must equal it.
+# by regex -> flax module path (named groups fill it in). `b` is the
+# aggregation block: the blocks after 0 share its weights
+# (`--agg_weight_sharing`) and must equal it.
 _SAG_AGG = r'encoders\.img_enc\.set_pred_module\.agg\.'
-_SAG_BLOCK = _SAG_AGG + r'agg_blocks\.{b}\.'
+_SAG_BLOCK = _SAG_AGG + r'agg_blocks\.(?P<b>\d+)\.'
 _SAG_MODULES = (
     (r'encoders\.img_enc\.spm_1x1', 'visual_projection'),
-    (_SAG_BLOCK + r'0\.fn\.to_(q|k|v)', 'entities/aggregation/{qkv}'),
+    (_SAG_BLOCK + r'0\.fn\.to_(?P<qkv>q|k|v)', 'entities/aggregation/{qkv}'),
     (_SAG_BLOCK + r'0\.fn\.to_out\.0', 'entities/aggregation/output'),
     (_SAG_BLOCK + r'0\.norm', 'entities/aggregation/norm_slots'),
     (_SAG_BLOCK + r'0\.norm_context', 'entities/norm_inputs'),
     (_SAG_BLOCK + r'2\.fn\.net\.0', 'entities/aggregation/mlp/fc1'),
     (_SAG_BLOCK + r'2\.fn\.net\.3', 'entities/aggregation/mlp/fc2'),
     (_SAG_BLOCK + r'2\.norm', 'entities/aggregation/norm_mlp'),
-    (_SAG_BLOCK + r'4\.0\.0\.fn\.to_(q|k|v)', 'entities/interaction/{qkv}'),
+    (_SAG_BLOCK + r'4\.0\.0\.fn\.to_(?P<qkv>q|k|v)',
+     'entities/interaction/{qkv}'),
     (_SAG_BLOCK + r'4\.0\.0\.fn\.to_out\.0', 'entities/interaction/output'),
     (_SAG_BLOCK + r'4\.0\.0\.norm', 'entities/interaction/norm_attention'),
     (_SAG_BLOCK + r'4\.0\.2\.fn\.net\.0', 'entities/interaction/mlp/fc1'),
@@ -439,16 +441,18 @@ _SAG_MODULES = (
     (r'encoders\.img_enc\.set_pred_module\.residual_norm',
      'entities/norm_output'),
     (r'encoders\.txt_enc\.linear', 'text_projection'),
-    (r'cma\.attn\.fn\.to_(q|k|v)', 'fusion/{qkv}'),
+    (r'cma\.attn\.fn\.to_(?P<qkv>q|k|v)', 'fusion/{qkv}'),
     (r'cma\.attn\.fn\.to_out\.0', 'fusion/output'),
     (r'cma\.attn\.norm', 'fusion/norm_text'),
     (r'cma\.attn\.norm_context', 'fusion/norm_slots'),
     (r'cma\.ff\.fn\.net\.0', 'fusion/mlp/fc1'),
     (r'cma\.ff\.fn\.net\.3', 'fusion/mlp/fc2'),
     (r'cma\.ff\.norm', 'fusion/norm_mlp'),
-    (r'decoder\.mlp\.(0|2|4|6)', 'decoder/layer_{layer}'),
+    (r'decoder\.mlp\.(?P<layer>0|2|4|6)', 'decoder/layer_{layer}'),
 )
 _QKV = {'q': 'query', 'k': 'key', 'v': 'value'}
+# Official decoder Sequential index -> our layer (ReLUs in between).
+_DECODER_LAYERS = {'0': 0, '2': 1, '4': 2, '6': 3}
 # The slot Gaussians, [1, G, D] officially, [G, D] here.
 _SAG_QUERIES = {
     'mean': 'encoders.img_enc.set_pred_module.agg.queries.slots_mu',
@@ -469,15 +473,12 @@ def _sag_module(key: str) -> tuple[str, str, int] | None:
   SaG key, or None when it is not one of SaG's own layers."""
   module, _, leaf = key.rpartition('.')
   for pattern, path in _SAG_MODULES:
-    match = re.fullmatch(pattern.replace('{b}', r'(?P<b>\d+)'), module)
+    match = re.fullmatch(pattern, module)
     if match:
-      groups = [g for g in match.groups() if g is not None]
-      block = int(match['b']) if 'b' in match.groupdict() else -1
-      extra = groups[1:] if block >= 0 else groups
-      path = path.format(qkv=_QKV.get(extra[0], '') if extra else '',
-                         layer=[0, 2, 4, 6].index(int(extra[0]))
-                         if extra and extra[0].isdigit() else '')
-      return path, leaf, block
+      named = match.groupdict()
+      path = path.format(qkv=_QKV.get(named.get('qkv'), ''),
+                         layer=_DECODER_LAYERS.get(named.get('layer'), ''))
+      return path, leaf, int(named.get('b', -1))
   return None
 
 
@@ -742,8 +743,8 @@ def sag_official(state: Mapping[str, np.ndarray], config: Any,
       not fit the config.
   """
   state = {k.removeprefix('module.'): v for k, v in state.items()}
-  blocks = {int(m[1]) for k in state
-            if (m := re.match(_SAG_AGG + r'agg_blocks\.(\d+)\.', k))}
+  blocks = {int(m['b']) for k in state
+            if (m := re.match(_SAG_BLOCK, k))}
   if blocks and len(blocks) != config.model.iterations:
     raise ValueError(f'The checkpoint has {len(blocks)} aggregation blocks '
                      f'(--agg_depth); config.model.iterations is '
