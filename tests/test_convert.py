@@ -37,6 +37,8 @@ torch = pytest.importorskip('torch', reason='PyTorch is in the test extra.')
 transformers = pytest.importorskip('transformers')
 
 REPO = pathlib.Path(__file__).parents[1]
+OFFICIAL_LAYERS = config_lib.import_sibling(str(REPO / 'configs' / 'text.py'),
+                                            'text').OFFICIAL_LAYERS
 VOCAB = 43  # ref_shapes' vocabulary.
 TOKENS = np.array([[1, 7, 12, 30, 2, 0, 0], [1, 40, 2, 0, 0, 0, 0]], np.int32)
 MASK = (np.arange(7)[None] < np.array([[5], [3]])).astype(np.int32)
@@ -543,9 +545,8 @@ def official_sag_model():
   small text config with the official model's options."""
   config = config_lib.load(f'{REPO}/configs/text.py:data=ref_shapes_tiny')
   config.model.update(gather='fusion', reconstruct='features',
-                      text_pooling='cls', iterations=2, dropout=0.1,
-                      image_normalisation='half', initialisation='official',
-                      vit_preset='tiny')
+                      text_pooling='cls', iterations=2, vit_preset='tiny',
+                      **OFFICIAL_LAYERS)
   task = tasks.build(config, VOCAB)
   return (config, jax.eval_shape(task.init_variables, jax.random.key(0)),
           jax.device_get(jax.jit(task.init_variables)(jax.random.key(3))))

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from refseg_jax import config_lib
 from refseg_jax.losses import sag as sag_losses
 from refseg_jax.models import bert
 from refseg_jax.models import convert
@@ -28,6 +29,9 @@ from refseg_jax.tasks import sag_text
 REFERENCE = (pathlib.Path(__file__).parents[2] / 'shared' / 'sag_reference' /
              'sag_official_small.npz')
 RELATIVE_TOLERANCE = 1e-5
+OFFICIAL_LAYERS = config_lib.import_sibling(
+    str(pathlib.Path(__file__).parents[1] / 'configs' / 'text.py'),
+    'text').OFFICIAL_LAYERS
 
 pytestmark = pytest.mark.skipif(
     not REFERENCE.exists(),
@@ -45,9 +49,8 @@ def sag_fields(flags: dict) -> dict:
       interaction_heads=flags['agg_latent_head'],
       interaction_head_dim=flags['agg_latent_dim'],
       decoder_hidden=flags['embed_dim'], reconstruct='features',
-      text_pooling='cls', gather='fusion', dropout=0.1,
-      image_normalisation='half', initialisation='official',
-      image_size=flags['crop_size'])
+      text_pooling='cls', gather='fusion', image_size=flags['crop_size'],
+      **OFFICIAL_LAYERS)
 
 
 @pytest.fixture(scope='module')

@@ -127,12 +127,12 @@ def layer_norm(dtype: Dtype, name: str) -> nn.LayerNorm:
 
 
 def _project_heads(layer: nn.Module, x: jax.Array, name: str) -> jax.Array:
-  """The bias-free linear map `name` of x [..., D] onto the heads of the
-  attention `layer` (with `heads`, `head_dim` and `dtype`):
-  [..., heads, head_dim]."""
+  """The linear map `name` of x [..., D] onto the heads of the attention
+  `layer` (with `heads`, `head_dim`, `dtype` and `qkv_bias`, the official
+  False): [..., heads, head_dim]."""
   return linear(layer, x, layer.heads * layer.head_dim, name,
-                use_bias=False).reshape(*x.shape[:-1], layer.heads,
-                                        layer.head_dim)
+                use_bias=layer.qkv_bias).reshape(*x.shape[:-1], layer.heads,
+                                                 layer.head_dim)
 
 
 def _attention_output(layer: nn.Module, read: jax.Array, dim: int,
@@ -167,12 +167,15 @@ class _SlotAttention(nn.Module):
     head_dim: Width of each head.
     dropout: On the attention's output and inside its MLP, in training.
     initialisation: Of the layers, one of `INITIALISATIONS`.
+    qkv_bias: Biases on the query, key and value maps (the official has
+      none).
     dtype: Computation dtype.
   """
   heads: int
   head_dim: int
   dropout: float = 0.0
   initialisation: str = 'official'
+  qkv_bias: bool = False
   dtype: Dtype = jnp.float32
 
 
@@ -274,6 +277,10 @@ class EntityDiscovery(_EntityHeads):
     iterations: T, weight-shared aggregation + interaction steps.
     dropout: Of the aggregation and interaction layers, in training.
     initialisation: One of `INITIALISATIONS`.
+    qkv_bias: Of the aggregation and interaction (see `_SlotAttention`).
+    position_after_norm: Keys and values are LayerNorm(features) +
+      position, the position added after the norm, not the official
+      LayerNorm(features + position).
     heads, head_dim, interaction_heads, interaction_head_dim: Keyword-only
       (see `_EntityHeads`).
     dtype: Computation dtype.
@@ -283,6 +290,8 @@ class EntityDiscovery(_EntityHeads):
   iterations: int
   dropout: float = 0.0
   initialisation: str = 'official'
+  qkv_bias: bool = False
+  position_after_norm: bool = False
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -301,16 +310,20 @@ class EntityDiscovery(_EntityHeads):
     slots = (mean[:, None] + jnp.exp(0.5 * log_var)[:, None] * noise).reshape(
         batch, -1, dim).astype(self.dtype)
     # Keys and values: LayerNorm(features + position), as the official
-    # pre-norm attention normalises its context.
-    inputs = layer_norm(self.dtype, 'norm_inputs')(
-        features + position.astype(features.dtype))
-    aggregate = SlotAggregation(self.heads, self.head_dim, self.dropout,
-                                self.initialisation, self.dtype,
-                                name='aggregation')
+    # pre-norm attention normalises its context (or with the position
+    # added after the norm).
+    position = position.astype(features.dtype)
+    norm = layer_norm(self.dtype, 'norm_inputs')
+    inputs = (norm(features) + position if self.position_after_norm
+              else norm(features + position))
+    layer_fields = dict(dropout=self.dropout,
+                        initialisation=self.initialisation,
+                        qkv_bias=self.qkv_bias, dtype=self.dtype)
+    aggregate = SlotAggregation(self.heads, self.head_dim, name='aggregation',
+                                **layer_fields)
     interact = SlotInteraction(self.interaction_heads,
-                               self.interaction_head_dim, self.dropout,
-                               self.initialisation, self.dtype,
-                               name='interaction')
+                               self.interaction_head_dim, name='interaction',
+                               **layer_fields)
     for _ in range(self.iterations):
       slots, attention = aggregate(slots, inputs, train)
       slots = interact(slots.reshape(batch, self.groups, -1, dim),
@@ -342,12 +355,15 @@ class TextSlotFusion(nn.Module):
     dropout: On the attention's output, in training (the official fusion
       layer's MLP has none).
     initialisation: Of the layers, one of `INITIALISATIONS`.
+    qkv_bias: Biases on the query, key and value maps (the official has
+      none).
     dtype: Computation dtype.
   """
   heads: int = 4
   head_dim: int = 256
   dropout: float = 0.0
   initialisation: str = 'official'
+  qkv_bias: bool = False
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -552,8 +568,12 @@ class SaG(bert.TextConditioned, _EntityHeads):
     image_normalisation: The pixels' mean and std, a name in
       `pks.NORMALISATIONS` ('half', mean = std = 0.5, in the official run).
     initialisation: Of SaG's own layers and slot distributions, one of
-      `INITIALISATIONS`
-      ('official' in the official run).
+      `INITIALISATIONS` ('official' in the official run).
+    qkv_bias: Biases on the query, key and value maps of the aggregation,
+      interaction and fusion attention (False in the official run).
+    position_after_norm: Entity discovery's keys and values are
+      LayerNorm(features) + position (see `EntityDiscovery`; False in the
+      official run).
     heads, head_dim, interaction_heads, interaction_head_dim: Keyword-only,
       see `_EntityHeads`; heads and head_dim also shape the fusion
       attention.
@@ -574,6 +594,8 @@ class SaG(bert.TextConditioned, _EntityHeads):
   dropout: float
   image_normalisation: str
   initialisation: str
+  qkv_bias: bool
+  position_after_norm: bool
 
   @nn.compact
   def __call__(self, images: jax.Array, text_tokens: jax.Array,
@@ -606,9 +628,10 @@ class SaG(bert.TextConditioned, _EntityHeads):
     _, grid_h, grid_w, width = tokens['grid'].shape
     features = linear(self, tokens['tokens'], self.dim, 'visual_projection')
     slots, slot_attention = EntityDiscovery(
-        self.groups, self.slots_per_group, self.iterations, self.dropout,
-        self.initialisation, self.dtype, heads=self.heads,
-        head_dim=self.head_dim,
+        self.groups, self.slots_per_group, self.iterations,
+        dropout=self.dropout, initialisation=self.initialisation,
+        qkv_bias=self.qkv_bias, position_after_norm=self.position_after_norm,
+        dtype=self.dtype, heads=self.heads, head_dim=self.head_dim,
         interaction_heads=self.interaction_heads,
         interaction_head_dim=self.interaction_head_dim, name='entities')(
             features, sine_position_encoding(grid_h, grid_w, self.dim), train)
@@ -621,7 +644,8 @@ class SaG(bert.TextConditioned, _EntityHeads):
     image_of = jnp.arange(num_texts) // pks.group_size(num_images, num_texts)
     if self.gather == 'fusion':
       fusion = TextSlotFusion(self.heads, self.head_dim, self.dropout,
-                              self.initialisation, self.dtype, name='fusion')
+                              self.initialisation, self.qkv_bias, self.dtype,
+                              name='fusion')
       own_kwargs = all_kwargs = {'train': train}
     elif self.gather == 'slot_max':
       fusion = SlotMatching(self.slot_temperature, self.dtype, name='matching')
