@@ -201,6 +201,10 @@ def pks_model(variant: str) -> ml_collections.ConfigDict:
       mask_trunk_gradient=1.0,
       # BERT's dropout rates; None keeps the preset's (0.1).
       text_dropout=config_dict.placeholder(float), dtype='float32',
-      frozen_bn=False))
+      frozen_bn=False,
+      # Rematerialisation of the ResNet's and BERT's blocks, a name in
+      # `refseg_jax.models.layers.REMAT_POLICIES` ('none': keep every
+      # activation); memory for time, no number changes.
+      remat='none'))
   model.update(config_lib.choose(PKS_MODEL_VARIANTS, variant, 'model'))
   return model

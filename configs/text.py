@@ -98,7 +98,13 @@ def get_config(arg=None):
   args = config_lib.parse_arg(arg, **common.default_args(VARIANTS))
   config = common.training(args.data)
   config.task = 'sag_text'  # refseg_jax.tasks.sag_text
-  config.model = dict(image_size=config.data.image_size, dtype='float32')
+  config.model = dict(
+      image_size=config.data.image_size, dtype='float32',
+      # Rematerialisation of the ViT's, BERT's and the slot layers' blocks
+      # (`refseg_jax.models.layers.REMAT_POLICIES`), and training's
+      # all-pairs fusion this many expressions at a time (0: all at once):
+      # memory for time, no number changes.
+      remat='none', fusion_chunk=0)
   config.model.update(config_lib.choose(MODEL_VARIANTS, args.model, 'model'))
   config.loss = dict(
       c3=1.0, reconstruction=1.0,

@@ -61,6 +61,21 @@ Batch = Mapping[str, jax.Array]
 
 # --------------------------------------------------------------- train step
 
+def loss_and_grads(task: base.Task, params: Any, batch_stats: Any,
+                   batch: Batch, step: jax.Array):
+  """((total loss, (its terms, updated batch stats)), gradients) of one
+  training forward pass of `task` on `batch` at `step` (its rngs folded
+  from the step, as `Task.train_rngs` draws them)."""
+  def compute_loss(params):
+    outputs, updates = task.forward(
+        {'params': params, 'batch_stats': batch_stats}, batch, train=True,
+        rngs=task.train_rngs(step), mutable=['batch_stats'])
+    total, terms = task.loss(outputs, batch, step)
+    return total, (terms, updates)
+
+  return jax.value_and_grad(compute_loss, has_aux=True)(params)
+
+
 def make_train_step(config: ml_collections.ConfigDict, task: base.Task,
                     mesh: jax.sharding.Mesh, state_shardings: Any):
   """The jitted `(state, batch) -> (state, metrics)`; state is donated.
@@ -72,16 +87,8 @@ def make_train_step(config: ml_collections.ConfigDict, task: base.Task,
   schedule = optimizer.make(config.total_steps, **config.optimizer).schedule
 
   def step_fn(state: train_state.TrainState, batch: Batch):
-    def compute_loss(params):
-      outputs, updates = task.forward(
-          {'params': params, 'batch_stats': state.batch_stats}, batch,
-          train=True, rngs=task.train_rngs(state.step),
-          mutable=['batch_stats'])
-      total, terms = task.loss(outputs, batch, state.step)
-      return total, (terms, updates)
-
-    (total, (terms, updates)), grads = jax.value_and_grad(
-        compute_loss, has_aux=True)(state.params)
+    (total, (terms, updates)), grads = loss_and_grads(
+        task, state.params, state.batch_stats, batch, state.step)
     new_state = state.apply_gradients(
         grads=grads, batch_stats=updates.get('batch_stats', {}))
     step_metrics = {'loss': total, **terms,

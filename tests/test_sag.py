@@ -12,8 +12,10 @@ import pytest
 import tensorflow_datasets as tfds
 
 from refseg_jax import config_lib
+from refseg_jax import predict
 from refseg_jax import tasks
 from refseg_jax import train
+from refseg_jax import trained
 from refseg_jax.data import pipeline
 from refseg_jax.losses import sag as sag_losses
 from refseg_jax.models import sag
@@ -317,3 +319,11 @@ def test_text_training_through_the_trainer_lowers_the_loss(
   assert max(losses[1:]) < losses[0] - 0.1, losses
   results = json.loads((tmp_path / 'results.json').read_text())
   assert 0.0 <= results['validation']['mIoU'] <= 100.0
+  # The trained workdir predicts on an image of any shape: masks at its
+  # size, a response that depends on the sentence, no PKS position or box.
+  predictor = predict.Predictor(trained.load(str(tmp_path)))
+  image = np.random.default_rng(2).integers(0, 255, (30, 50, 3), np.uint8)
+  first, second = predictor(image, ['a star', 'the red circle'])
+  assert first.mask.shape == second.mask.shape == (30, 50)
+  assert not np.array_equal(first.response, second.response)
+  assert first.position is None and first.box is None

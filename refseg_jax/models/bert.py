@@ -227,14 +227,17 @@ class BertLayer(_BertModule):
 
 
 class BertLayerStack(_BertModule):
-  """The encoder layers `layer_0` ... `layer_{n-1}` (HF `encoder`)."""
+  """The encoder layers `layer_0` ... `layer_{n-1}` (HF `encoder`), each
+  rematerialised by the `remat` policy (`layers.REMAT_POLICIES`)."""
+  remat: str = 'none'
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, bias: jnp.ndarray,
                train: bool) -> jnp.ndarray:
     """Maps [B, L, D] to [B, L, D]."""
+    layer = layers.remat(BertLayer, self.remat, static_argnums=(3,))
     for i in range(self.config.num_hidden_layers):
-      x = BertLayer(self.config, self.dtype, name=f'layer_{i}')(x, bias, train)
+      x = layer(self.config, self.dtype, name=f'layer_{i}')(x, bias, train)
     return x
 
 
@@ -254,7 +257,10 @@ class BertEncoder(_BertModule):
   Attributes:
     config: The hyper-parameters, e.g. `preset('base', vocab_size=43)`.
     dtype: Computation dtype (e.g. jnp.bfloat16); params stay float32.
+    remat: Rematerialisation policy of each layer (`layers.REMAT_POLICIES`).
   """
+  remat: str = 'none'
+
   @nn.compact
   def __call__(self, tokens: jnp.ndarray, text_mask: jnp.ndarray,
                train: bool) -> dict[str, jnp.ndarray]:
@@ -271,8 +277,9 @@ class BertEncoder(_BertModule):
     """
     x = BertEmbeddings(self.config, self.dtype, name='embeddings')(
         tokens, train)
-    hidden = BertLayerStack(self.config, self.dtype, name='encoder')(
-        x, attention_bias(text_mask), train)
+    hidden = BertLayerStack(self.config, self.dtype, self.remat,
+                            name='encoder')(x, attention_bias(text_mask),
+                                            train)
     pooled = BertPooler(self.config, self.dtype, name='pooler')(hidden)
     return {'hidden': hidden, 'pooled': pooled, 'cls': hidden[:, 0]}
 
@@ -288,11 +295,15 @@ class TextConditioned(nn.Module, kw_only=True):
     bert_preset: Name in `PRESETS`.
     text_dropout: BERT's dropout rates; None keeps the preset's (0.1).
     dtype: Computation dtype (e.g. jnp.bfloat16); params stay float32.
+    remat: Rematerialisation policy of the encoders' repeated blocks (BERT's
+      layers, and the model's image backbone), one of
+      `layers.REMAT_POLICIES`; it changes memory and time, no number.
   """
   vocab_size: int
   bert_preset: str
   text_dropout: float | None
   dtype: Any
+  remat: str = 'none'
 
   def encode_text(self, text_tokens: jnp.ndarray, text_mask: jnp.ndarray,
                   train: bool) -> dict[str, jnp.ndarray]:
@@ -302,4 +313,4 @@ class TextConditioned(nn.Module, kw_only=True):
     """
     return BertEncoder(
         preset(self.bert_preset, self.vocab_size, self.text_dropout),
-        self.dtype, name='text')(text_tokens, text_mask, train)
+        self.dtype, self.remat, name='text')(text_tokens, text_mask, train)

@@ -140,6 +140,8 @@ class ResNet(nn.Module):
     widths: Block width per stage; the stem has `widths[0]` channels.
     dtype: Computation dtype; parameters are always float32.
     frozen_bn: Always use BN running averages (see module docstring).
+    remat: Rematerialisation policy of each residual block
+      (`layers.REMAT_POLICIES`).
   """
 
   block: str
@@ -147,6 +149,7 @@ class ResNet(nn.Module):
   widths: Sequence[int]
   dtype: Dtype = jnp.float32
   frozen_bn: bool = False
+  remat: str = 'none'
 
   @nn.compact
   def __call__(self, images: jax.Array, train: bool) -> Dict[str, jax.Array]:
@@ -164,7 +167,8 @@ class ResNet(nn.Module):
     conv, bn = _layers(self.dtype, self.frozen_bn, train)
     x = nn.relu(bn(name='bn1')(conv(self.widths[0], 7, 2, 'conv1')(images)))
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
-    block_cls = _BLOCKS[self.block]
+    block_cls = layers.remat(_BLOCKS[self.block], self.remat,
+                             static_argnums=(2,))
     features = {}
     for s, (size, width) in enumerate(zip(self.stage_sizes, self.widths)):
       for i in range(size):

@@ -281,6 +281,8 @@ class EntityDiscovery(_EntityHeads):
     position_after_norm: Keys and values are LayerNorm(features) +
       position, the position added after the norm, not the official
       LayerNorm(features + position).
+    remat: Rematerialisation policy of each aggregation and interaction
+      step (`layers.REMAT_POLICIES`).
     heads, head_dim, interaction_heads, interaction_head_dim: Keyword-only
       (see `_EntityHeads`).
     dtype: Computation dtype.
@@ -292,6 +294,7 @@ class EntityDiscovery(_EntityHeads):
   initialisation: str = 'official'
   qkv_bias: bool = False
   position_after_norm: bool = False
+  remat: str = 'none'
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -319,11 +322,11 @@ class EntityDiscovery(_EntityHeads):
     layer_fields = dict(dropout=self.dropout,
                         initialisation=self.initialisation,
                         qkv_bias=self.qkv_bias, dtype=self.dtype)
-    aggregate = SlotAggregation(self.heads, self.head_dim, name='aggregation',
-                                **layer_fields)
-    interact = SlotInteraction(self.interaction_heads,
-                               self.interaction_head_dim, name='interaction',
-                               **layer_fields)
+    aggregate = layers.remat(SlotAggregation, self.remat, (3,))(
+        self.heads, self.head_dim, name='aggregation', **layer_fields)
+    interact = layers.remat(SlotInteraction, self.remat, (2,))(
+        self.interaction_heads, self.interaction_head_dim, name='interaction',
+        **layer_fields)
     for _ in range(self.iterations):
       slots, attention = aggregate(slots, inputs, train)
       slots = interact(slots.reshape(batch, self.groups, -1, dim),
@@ -574,6 +577,11 @@ class SaG(bert.TextConditioned, _EntityHeads):
     position_after_norm: Entity discovery's keys and values are
       LayerNorm(features) + position (see `EntityDiscovery`; False in the
       official run).
+    fusion_chunk: Training fuses every expression with every image (T x I
+      pairs) this many expressions at a time, each chunk rematerialised
+      when `remat` is not 'none', so that the pairs' activations do not
+      grow as B^2; 0 fuses all at once. No number changes (with dropout,
+      each chunk draws its own masks).
     heads, head_dim, interaction_heads, interaction_head_dim: Keyword-only,
       see `_EntityHeads`; heads and head_dim also shape the fusion
       attention.
@@ -596,6 +604,7 @@ class SaG(bert.TextConditioned, _EntityHeads):
   initialisation: str
   qkv_bias: bool
   position_after_norm: bool
+  fusion_chunk: int = 0
 
   @nn.compact
   def __call__(self, images: jax.Array, text_tokens: jax.Array,
@@ -624,14 +633,16 @@ class SaG(bert.TextConditioned, _EntityHeads):
                                   self.image_normalisation)
     tokens = vit.ViT(**vit.PRESETS[self.vit_preset],
                      image_size=self.image_size, drop_path_rate=self.drop_path,
-                     dtype=self.dtype, name='backbone')(pixels, train)
+                     dtype=self.dtype, remat=self.remat,
+                     name='backbone')(pixels, train)
     _, grid_h, grid_w, width = tokens['grid'].shape
     features = linear(self, tokens['tokens'], self.dim, 'visual_projection')
     slots, slot_attention = EntityDiscovery(
         self.groups, self.slots_per_group, self.iterations,
         dropout=self.dropout, initialisation=self.initialisation,
         qkv_bias=self.qkv_bias, position_after_norm=self.position_after_norm,
-        dtype=self.dtype, heads=self.heads, head_dim=self.head_dim,
+        remat=self.remat, dtype=self.dtype, heads=self.heads,
+        head_dim=self.head_dim,
         interaction_heads=self.interaction_heads,
         interaction_head_dim=self.interaction_head_dim, name='entities')(
             features, sine_position_encoding(grid_h, grid_w, self.dim), train)
@@ -642,31 +653,41 @@ class SaG(bert.TextConditioned, _EntityHeads):
 
     num_texts, num_images = text.shape[0], images.shape[0]
     image_of = jnp.arange(num_texts) // pks.group_size(num_images, num_texts)
+    # Both gatherings take (text, slots, paired, extra): the fusion layer's
+    # extra is the static `train`, slot matching's its candidate slots.
     if self.gather == 'fusion':
-      fusion = TextSlotFusion(self.heads, self.head_dim, self.dropout,
-                              self.initialisation, self.qkv_bias, self.dtype,
-                              name='fusion')
-      own_kwargs = all_kwargs = {'train': train}
+      fusion = layers.remat(TextSlotFusion, self.remat, (3, 4))(
+          self.heads, self.head_dim, self.dropout, self.initialisation,
+          self.qkv_bias, self.dtype, name='fusion')
+      all_extra = own_extra = train
     elif self.gather == 'slot_max':
-      fusion = SlotMatching(self.slot_temperature, self.dtype, name='matching')
+      fusion = layers.remat(SlotMatching, self.remat, (3,))(
+          self.slot_temperature, self.dtype, name='matching')
       area = slot_attention.mean(-1)  # [I, K] fractions of the image.
-      candidates = ((area <= self.max_slot_area)
-                    | (area == area.min(-1, keepdims=True)))
-      all_kwargs = {'candidates': candidates}
-      own_kwargs = {'candidates': candidates[image_of]}
+      all_extra = ((area <= self.max_slot_area)
+                   | (area == area.min(-1, keepdims=True)))
+      own_extra = all_extra[image_of]
     else:
       raise ValueError(f'Unknown SaG gather={self.gather!r}; known: '
                        "['fusion', 'slot_max'].")
     if all_pairs:
-      # The fusion layer returns z, scored against the detached text;
-      # slot matching returns the scores themselves.
-      gathered, fuse = fusion(text, slots, paired=False, **all_kwargs)
-      scores = (jnp.einsum('td,tid->ti', jax.lax.stop_gradient(text).astype(
-          jnp.float32), gathered) if self.gather == 'fusion' else gathered)
-      fuse = fuse[jnp.arange(num_texts), image_of]
+      # Every expression with every image, `fusion_chunk` expressions at a
+      # time. The fusion layer returns z, scored against the detached text
+      # (so z itself is not kept for the backward pass); slot matching
+      # returns the scores themselves.
+      scores, fuse = [], []
+      for start in range(0, num_texts, self.fusion_chunk or num_texts):
+        chunk = text[start:start + (self.fusion_chunk or num_texts)]
+        gathered, chunk_fuse = fusion(chunk, slots, False, all_extra)
+        scores.append(jnp.einsum(
+            'td,tid->ti', jax.lax.stop_gradient(chunk).astype(jnp.float32),
+            gathered) if self.gather == 'fusion' else gathered)
+        fuse.append(chunk_fuse)
+      scores = jnp.concatenate(scores)
+      fuse = jnp.concatenate(fuse)[jnp.arange(num_texts), image_of]
     else:
       # Each expression with its own image only: T fusions, not T x I.
-      fuse = fusion(text, slots[image_of], paired=True, **own_kwargs)[1][:, 0]
+      fuse = fusion(text, slots[image_of], True, own_extra)[1][:, 0]
     mask = jnp.einsum('tk,tkn->tn', fuse, slot_attention[image_of])
     if self.reconstruct == 'features':
       target = tokens['tokens']

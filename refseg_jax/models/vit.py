@@ -234,6 +234,8 @@ class ViT(nn.Module):
       from 0 at the first block (timm convention). Needs an rng named
       'dropout' when `train=True`.
     dtype: Computation dtype; parameters are always float32.
+    remat: Rematerialisation policy of each block, one of
+      `layers.REMAT_POLICIES` ('none': keep every activation).
   """
 
   width: int
@@ -244,6 +246,7 @@ class ViT(nn.Module):
   mlp_ratio: float = 4.0
   drop_path_rate: float = 0.0
   dtype: Dtype = jnp.float32
+  remat: str = 'none'
 
   @nn.compact
   def __call__(self, images: jax.Array, train: bool) -> Dict[str, jax.Array]:
@@ -272,9 +275,10 @@ class ViT(nn.Module):
     x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, d)).astype(x.dtype),
                          x.reshape(b, gh * gw, d)], axis=1)
     x = x + pos_embed.astype(x.dtype)
+    block = layers.remat(Block, self.remat, static_argnums=(2,))
     for i, rate in enumerate(np.linspace(0.0, self.drop_path_rate,
                                          self.depth)):
-      x = Block(self.num_heads, self.mlp_ratio, float(rate), self.dtype,
+      x = block(self.num_heads, self.mlp_ratio, float(rate), self.dtype,
                 name=f'blocks_{i}')(x, train)
     x = _layer_norm(self.dtype, 'norm')(x)
     tokens = x[:, 1:]
