@@ -17,9 +17,9 @@ matching, leaving out slots that cover over 20 % of the image
 (docs/results.md compares these with the official ViT features, [CLS] and
 fusion layer). Measured on a 2-core CPU (2026-12-03), mean ± std over
 seeds 0, 1, 2 (the supervision benchmark, docs/results.md): validation
-mIoU 24.52 ± 5.16, PointM 34.75 ± 6.35 with the official layers (issue
-21; seeds 21.46, 21.62, 30.49 mIoU), against 30.01 ± 0.32 and 41.75 ±
-0.28 before them: a regression still open.
+mIoU 28.87 ± 2.00, PointM 39.94 ± 2.10 (seeds 30.35, 26.59, 29.68 mIoU),
+against 30.01 ± 0.32 and 41.75 ± 0.28 before SaG became the official
+function (issue 21; with every official layer option, 24.52 ± 5.16).
 
 Variants, big_vision style, after a colon:
 

@@ -214,9 +214,9 @@ def test_centre_snaps_to_its_cell(setup):
 def test_stride4_masks_and_bad_stride(tiny_model):
   model = small_pks(tiny_model, mask_stride=4)
   batch = _batch()
-  out, _ = model.init_with_output(jax.random.key(0), batch['image'], TOKENS,
-                                  TEXT_MASK, train=False,
-                                  centre=batch['clicks'][:, 0])
+  out, _ = jax.jit(lambda key, images, centre: model.init_with_output(
+      key, images, TOKENS, TEXT_MASK, train=False, centre=centre))(
+          jax.random.key(0), batch['image'], batch['clicks'][:, 0])
   assert out['mask_logits'].shape == (2, SIZE // 4, SIZE // 4)
   assert out['heatmap'].shape == (2, GRID, GRID)
   # The stride-4 full-supervision targets are pooled to that grid.

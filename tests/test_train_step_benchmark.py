@@ -10,7 +10,6 @@ import io
 import json
 import pathlib
 
-from absl import flags
 import jax
 import numpy as np
 import pytest
@@ -42,17 +41,17 @@ def _fast_compile():
 
 @pytest.fixture(scope='module')
 def command(tmp_path_factory):
-  """(stdout lines, the --json report) of one run of the command."""
+  """(stdout lines, the --json report) of one run of what the command runs
+  (its flags are defined only when it runs as a program)."""
   path = tmp_path_factory.mktemp('train_step') / 'report.json'
-  flag_values = flags.FlagValues()
-  train_step.define_flags(flag_values)
-  flag_values(['train_step', f'--config={TEXT}', '--batch_size=4',
-               '--eval_batch_size=4', '--steps=2', '--warmup=1',
-               '--num_devices=1', f'--peak_size={PEAK_SIZE}',
-               f'--json={path}'])
+  config = train_step.configure(config_lib.load(TEXT), batch_size=4,
+                                eval_batch_size=4)
+  report = train_step.command_report(
+      config, TEXT, {}, steps=2, warmup=1, num_devices=1,
+      peak_size=PEAK_SIZE)
   out = io.StringIO()
   with contextlib.redirect_stdout(out):
-    train_step.main(['train_step'], flag_values)
+    train_step.emit(report, str(path))
   return out.getvalue().splitlines(), json.loads(path.read_text())
 
 

@@ -72,6 +72,7 @@ from typing import Any, Callable, Mapping, Sequence
 from absl import app
 from absl import flags
 from absl import logging
+from etils import epath
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -412,13 +413,14 @@ def device_peak_bytes(devices: Sequence[jax.Device]) -> int | None:
 
 
 def _process_threads() -> int | None:
+  """The process' thread count (Linux's /proc; None elsewhere)."""
   try:
-    with open('/proc/self/status') as f:
-      for line in f:
-        if line.startswith('Threads:'):
-          return int(line.split()[1])
+    status = epath.Path('/proc/self/status').read_text()
   except OSError:
-    pass
+    return None
+  for line in status.splitlines():
+    if line.startswith('Threads:'):
+      return int(line.split()[1])
   return None
 
 
@@ -619,65 +621,70 @@ def summary(report: Mapping[str, Any]) -> str:
   return line + f" | peak RSS {_g(report['peak_rss_gb'])} GB"
 
 
-def main(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS
-         ) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  args = flag_values
-  config = configure(args.config, args.batch_size, args.expressions_per_image,
-                     args.eval_batch_size)
-  report = run(config, compile_only=args.compile_only, steps=args.steps,
-               warmup=args.warmup, eval_steps=args.eval_steps,
-               num_devices=args.num_devices, peak_size=args.peak_size,
-               peak_repeats=args.peak_repeats, peak_dtype=args.peak_dtype,
-               evaluate=args.eval)
-  config_flag = args['config']
-  report = {'config_spec': config_flags.get_config_filename(config_flag),
-            'config_overrides': config_flags.get_override_values(config_flag),
-            **report, 'config': config.to_dict()}
+def command_report(config: ml_collections.ConfigDict, config_spec: str,
+                   config_overrides: Mapping[str, Any], **run_kwargs: Any
+                   ) -> dict[str, Any]:
+  """`run(config, **run_kwargs)`'s report as the command writes it: the
+  config's spec (FILE[:ARG]) and `--config.*` overrides first, the whole
+  config last."""
+  report = run(config, **run_kwargs)
+  return {'config_spec': config_spec,
+          'config_overrides': dict(config_overrides), **report,
+          'config': config.to_dict()}
+
+
+def emit(report: Mapping[str, Any], json_path: str | None) -> None:
+  """Prints the report as JSON (also to `json_path`, if given), then its
+  one-line `summary`."""
   text = json.dumps(report, indent=2, default=str)
   print(text)
-  if args.json:
-    with open(args.json, 'w') as f:
-      f.write(text + '\n')
+  if json_path:
+    epath.Path(json_path).write_text(text + '\n')
   print(summary(report))
 
 
-def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
-  """The command's flags: defined only when run as a program (or by a test,
-  on its own `FlagValues`), so that importing this module defines none."""
-  config_flags.DEFINE_config_file(
-      'config', None, 'Training config: FILE[:ARG].', lock_config=True,
-      flag_values=flag_values)
-  define = lambda kind, *args: kind(*args, flag_values=flag_values)
-  define(flags.DEFINE_integer, 'batch_size', None,
-         "Expressions per train step; None = the config's.")
-  define(flags.DEFINE_integer, 'expressions_per_image', None,
-         "k expressions per image (B / k images); 0 = random pairs; None = "
-         "the config's.")
-  define(flags.DEFINE_integer, 'eval_batch_size', None,
-         "Expressions per eval batch; None = the config's.")
-  define(flags.DEFINE_bool, 'compile_only', False,
-         'Compile and analyse only: no state, no timing.')
-  define(flags.DEFINE_integer, 'steps', 10,
-         'Timed steps (the median is reported).')
-  define(flags.DEFINE_integer, 'warmup', 2, 'Untimed steps before them.')
-  define(flags.DEFINE_bool, 'eval', True, 'Also the evaluation forward.')
-  define(flags.DEFINE_integer, 'eval_steps', None,
-         'Timed eval batches; None = --steps.')
-  define(flags.DEFINE_integer, 'num_devices', None,
-         'Use the first N devices; None = all.')
-  define(flags.DEFINE_integer, 'peak_size', None, 'Matmul side of the peak '
-         'measurement; None = 4096 (accelerator), 2048 (CPU).')
-  define(flags.DEFINE_integer, 'peak_repeats', None, 'Chained matmuls per '
-         'timed call; None = 20 (accelerator), 4 (CPU).')
-  define(flags.DEFINE_string, 'peak_dtype', None,
-         "Matmul dtype of the peak; None = the model's dtype.")
-  define(flags.DEFINE_string, 'json', None,
-         'Also write the report to this file.')
-  flags.mark_flags_as_required(['config'], flag_values=flag_values)
+def main(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  args = flags.FLAGS
+  config = configure(args.config, args.batch_size, args.expressions_per_image,
+                     args.eval_batch_size)
+  report = command_report(
+      config, config_flags.get_config_filename(args['config']),
+      config_flags.get_override_values(args['config']),
+      compile_only=args.compile_only, steps=args.steps, warmup=args.warmup,
+      eval_steps=args.eval_steps, num_devices=args.num_devices,
+      peak_size=args.peak_size, peak_repeats=args.peak_repeats,
+      peak_dtype=args.peak_dtype, evaluate=args.eval)
+  emit(report, args.json)
 
 
 if __name__ == '__main__':
-  define_flags()
+  config_flags.DEFINE_config_file('config', None,
+                                  'Training config: FILE[:ARG].',
+                                  lock_config=True)
+  flags.DEFINE_integer('batch_size', None,
+                       "Expressions per train step; None = the config's.")
+  flags.DEFINE_integer('expressions_per_image', None,
+                       'k expressions per image (B / k images); 0 = random '
+                       "pairs; None = the config's.")
+  flags.DEFINE_integer('eval_batch_size', None,
+                       "Expressions per eval batch; None = the config's.")
+  flags.DEFINE_bool('compile_only', False,
+                    'Compile and analyse only: no state, no timing.')
+  flags.DEFINE_integer('steps', 10, 'Timed steps (the median is reported).')
+  flags.DEFINE_integer('warmup', 2, 'Untimed steps before them.')
+  flags.DEFINE_bool('eval', True, 'Also the evaluation forward.')
+  flags.DEFINE_integer('eval_steps', None,
+                       'Timed eval batches; None = --steps.')
+  flags.DEFINE_integer('num_devices', None,
+                       'Use the first N devices; None = all.')
+  flags.DEFINE_integer('peak_size', None, 'Matmul side of the peak '
+                       'measurement; None = 4096 (accelerator), 2048 (CPU).')
+  flags.DEFINE_integer('peak_repeats', None, 'Chained matmuls per timed '
+                       'call; None = 20 (accelerator), 4 (CPU).')
+  flags.DEFINE_string('peak_dtype', None,
+                      "Matmul dtype of the peak; None = the model's dtype.")
+  flags.DEFINE_string('json', None, 'Also write the report to this file.')
+  flags.mark_flags_as_required(['config'])
   app.run(main)
