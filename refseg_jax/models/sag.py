@@ -699,10 +699,11 @@ class SaG(bert.TextConditioned, _EntityHeads):
     outputs = {
         'mask': mask.reshape(num_texts, grid_h, grid_w),
         'reconstruction_target': target.astype(jnp.float32),
-        'reconstruction': SlotDecoder(grid_h * grid_w, target.shape[-1],
-                                      self.decoder_hidden, self.initialisation,
-                                      self.dtype,
-                                      name='decoder')(slots),
+        # The decoder broadcasts every slot to every patch ([I, K, N,
+        # hidden] per layer): the largest activations of the step.
+        'reconstruction': layers.remat(SlotDecoder, self.remat)(
+            grid_h * grid_w, target.shape[-1], self.decoder_hidden,
+            self.initialisation, self.dtype, name='decoder')(slots),
     }
     if all_pairs:
       outputs['scores'] = scores
