@@ -579,9 +579,10 @@ class SaG(bert.TextConditioned, _EntityHeads):
       official run).
     fusion_chunk: Training fuses every expression with every image (T x I
       pairs) this many expressions at a time, each chunk rematerialised
-      when `remat` is not 'none', so that the pairs' activations do not
-      grow as B^2; 0 fuses all at once. No number changes (with dropout,
-      each chunk draws its own masks).
+      when `remat` is not 'none', meant to keep the pairs' activations
+      from growing as B^2 (what XLA's CPU schedule makes of it:
+      docs/training.md); 0 fuses all at once. No number changes (with
+      dropout, each chunk draws its own masks).
     heads, head_dim, interaction_heads, interaction_head_dim: Keyword-only,
       see `_EntityHeads`; heads and head_dim also shape the fusion
       attention.
