@@ -89,8 +89,11 @@ def test_resnet_remat_changes_no_number():
           images, train=True, mutable=['batch_stats'])
       return sum((f ** 2).mean() for f in features.values()), updates
 
-    (total, updates), grads = jax.jit(
-        jax.value_and_grad(loss, has_aux=True))(variables['params'])
+    gradient = jax.value_and_grad(loss, has_aux=True)
+    # The blocks really are rematerialised (else equality proves nothing).
+    traced = str(jax.make_jaxpr(gradient)(variables['params']))
+    assert ('checkpoint' in traced or 'remat' in traced) == (policy != 'none')
+    (total, updates), grads = jax.jit(gradient)(variables['params'])
     return total, updates, grads
 
   total, updates, grads = run('none')

@@ -128,16 +128,13 @@ def configure(config: ml_collections.ConfigDict,
                      ('eval.batch_size', eval_batch_size)):
     if value is not None:
       changes[key] = value
-  with config.unlocked():
-    for key, value in changes.items():
-      *parents, leaf = key.split('.')
-      node = config
-      for part in parents:
-        node = node.get(part) if isinstance(node, ml_collections.ConfigDict) \
-            else None
-      if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
-        raise ValueError(f'Unknown config key {key!r} (value {value!r}).')
-      node[leaf] = value
+  config.lock()  # Locked, so that an unknown key raises, not adds.
+  for key, value in changes.items():
+    try:
+      config.update_from_flattened_dict({key: value})
+    except (KeyError, AttributeError) as error:
+      raise ValueError(f'Unknown config key {key!r} (value {value!r}): '
+                       f'{error}') from None
   return config
 
 
@@ -286,15 +283,21 @@ def compile_train_step(train_step, state, batch) -> tuple[Any, float]:
   return compiled, float(recorder.scalars['compile_time_s'])
 
 
+def _analysis(compiled, name: str) -> Any:
+  """`compiled.<name>()` (XLA's 'cost_analysis' or 'memory_analysis'), or
+  None where the backend gives none."""
+  try:
+    return getattr(compiled, name)()
+  except (NotImplementedError, RuntimeError) as error:
+    logging.warning('No %s: %s', name, error)
+    return None
+
+
 def flops(compiled) -> float | None:
   """FLOPs of one device's program by XLA's cost analysis; None if the
   backend gives none. (A dict, or in some JAX versions a list of one dict
   per program: summed.)"""
-  try:
-    analysis = compiled.cost_analysis()
-  except (NotImplementedError, RuntimeError) as error:
-    logging.warning('No cost analysis: %s', error)
-    return None
+  analysis = _analysis(compiled, 'cost_analysis')
   if analysis is None:
     return None
   if isinstance(analysis, Mapping):
@@ -306,11 +309,7 @@ def flops(compiled) -> float | None:
 def memory(compiled) -> dict[str, int] | None:
   """Bytes per device of XLA's memory analysis (`MEMORY_FIELDS`); None if
   the backend gives none."""
-  try:
-    stats = compiled.memory_analysis()
-  except (NotImplementedError, RuntimeError) as error:
-    logging.warning('No memory analysis: %s', error)
-    return None
+  stats = _analysis(compiled, 'memory_analysis')
   if stats is None:
     return None
   return {field: int(getattr(stats, field, 0) or 0)
