@@ -60,15 +60,16 @@ common = config_lib.import_sibling(__file__, 'common')
 # and what the parity tests check (tests/test_sag_parity.py).
 OFFICIAL_LAYERS = dict(dropout=0.1, image_normalisation='half',
                        initialisation='official', qkv_bias=False,
-                       position_after_norm=False)
+                       position_after_norm=False, position_encoding='detr')
 # The same options for the tiny model trained from scratch on ref_shapes,
 # where the official ones lose ~5 validation mIoU points and are unstable
 # across seeds (docs/results.md, issue 21): no dropout, ImageNet's
-# normalisation, flax's initialisation, biased q/k/v maps, and the
-# position added after the inputs' LayerNorm.
+# normalisation, flax's initialisation, biased q/k/v maps, the position
+# added after the inputs' LayerNorm, and the sine encoding at cell centres.
 FROM_SCRATCH_LAYERS = dict(dropout=0.0, image_normalisation='imagenet',
                            initialisation='from_scratch', qkv_bias=True,
-                           position_after_norm=True)
+                           position_after_norm=True,
+                           position_encoding='centred')
 MODEL_VARIANTS = {
     'tiny': dict(vit_preset='tiny', bert_preset='tiny', dim=64, groups=8,
                  slots_per_group=2, iterations=3, heads=2, head_dim=32,

@@ -81,6 +81,21 @@ def test_sine_position_encoding_values():
                                atol=1e-6)
 
 
+def test_centred_sine_position_encoding_values():
+  # The pre-official layout on a 1 x 2 grid, dim 8: cell centres
+  # (j + 0.5) / max(H, W) * 2 pi, [sin | cos] blocks per axis, frequencies
+  # 1 and 10000 ** (-1 / 2).
+  encoding = np.asarray(sag.sine_position_encoding(1, 2, 8, 'centred'),
+                        np.float64)
+  for offset, positions in ((0, np.full(2, 0.5)), (4, np.array([0.5, 1.5]))):
+    angles = positions[:, None] * np.pi * np.array([1, 0.01])
+    np.testing.assert_allclose(
+        encoding[:, offset:offset + 4],
+        np.concatenate([np.sin(angles), np.cos(angles)], -1), atol=1e-6)
+  with pytest.raises(ValueError, match="'polar'.*'detr', 'centred'"):
+    sag.sine_position_encoding(1, 2, 8, 'polar')
+
+
 def test_slot_attention_sums_to_one_over_slots(model_run):
   _, state = model_run(jax.random.key(1), False)
   slots, attention = state['intermediates']['entities']['__call__'][0]

@@ -62,26 +62,43 @@ LAYER_NORM_EPSILON = 1e-5
 _RENORMALISE_EPS = 1e-7
 
 
-def sine_position_encoding(height: int, width: int, dim: int,
-                           temperature: float = 10_000.0) -> jax.Array:
-  """DETR's `PositionEmbeddingSine(dim // 2, normalize=True)`, [H * W, dim].
+# The 2-D sine position encodings `sine_position_encoding` lays out.
+POSITION_ENCODINGS = ('detr', 'centred')
 
-  Row i and column j sit at angles (i + 1) / (H + 1e-6) * 2 pi and
-  (j + 1) / (W + 1e-6) * 2 pi; each half of the channels (y first, then x)
-  holds sin and cos interleaved, channel pair (2m, 2m + 1) at the frequency
-  temperature ** (-2m / (dim / 2)). Row-major over the grid.
+
+def sine_position_encoding(height: int, width: int, dim: int,
+                           layout: str = 'detr',
+                           temperature: float = 10_000.0) -> jax.Array:
+  """A 2-D sine position encoding [H * W, dim], row-major over the grid.
+
+  Both layouts put y in the first half of the channels and x in the
+  second, each over dim / 4 frequencies temperature ** (-m / (dim / 4)):
+    'detr': DETR's `PositionEmbeddingSine(dim // 2, normalize=True)` (the
+      official SaG): row i and column j at angles (i + 1) / (H + 1e-6) *
+      2 pi and (j + 1) / (W + 1e-6) * 2 pi, sin and cos interleaved
+      (channel pair (2m, 2m + 1) at frequency m).
+    'centred': this codebase's encoding before the official one: cell
+      centres (i + 0.5) / max(H, W) * 2 pi, [sin | cos] blocks per axis.
   """
   if dim % 4:
     raise ValueError(f'Sine position encoding needs dim % 4 == 0, not {dim}.')
+  if layout not in POSITION_ENCODINGS:
+    raise ValueError(f'Unknown sine position encoding {layout!r}; known: '
+                     f'{list(POSITION_ENCODINGS)}.')
+  quarter = dim // 4
+  frequency = temperature ** (-np.arange(quarter) / quarter)
+
+  def encode(count):  # [count, dim / 2]
+    if layout == 'detr':
+      angles = ((np.arange(count) + 1) / (count + 1e-6) * 2 * np.pi)[:, None]
+      angles = angles * frequency
+      return np.stack([np.sin(angles), np.cos(angles)], -1).reshape(count, -1)
+    angles = ((np.arange(count) + 0.5) / max(height, width)
+              * 2 * np.pi)[:, None] * frequency
+    return np.concatenate([np.sin(angles), np.cos(angles)], -1)
+
+  y, x = encode(height), encode(width)  # [H, dim / 2], [W, dim / 2]
   half = dim // 2
-  inverse_frequency = temperature ** (-2 * (np.arange(half) // 2) / half)
-
-  def encode(count):
-    angles = ((np.arange(count) + 1) / (count + 1e-6) * 2 * np.pi)[:, None] * (
-        inverse_frequency)
-    return np.where(np.arange(half) % 2 == 0, np.sin(angles), np.cos(angles))
-
-  y, x = encode(height), encode(width)  # [H, half], [W, half]
   grid = np.concatenate([np.broadcast_to(y[:, None], (height, width, half)),
                          np.broadcast_to(x[None], (height, width, half))], -1)
   return jnp.asarray(grid.reshape(height * width, dim), jnp.float32)
@@ -577,6 +594,9 @@ class SaG(bert.TextConditioned, _EntityHeads):
     position_after_norm: Entity discovery's keys and values are
       LayerNorm(features) + position (see `EntityDiscovery`; False in the
       official run).
+    position_encoding: The sine encoding's layout, one of
+      `POSITION_ENCODINGS` ('detr' in the official run; see
+      `sine_position_encoding`).
     fusion_chunk: Training fuses every expression with every image (T x I
       pairs) this many expressions at a time, each chunk rematerialised
       when `remat` is not 'none', meant to keep the pairs' activations
@@ -605,6 +625,7 @@ class SaG(bert.TextConditioned, _EntityHeads):
   initialisation: str
   qkv_bias: bool
   position_after_norm: bool
+  position_encoding: str
   fusion_chunk: int = 0
 
   @nn.compact
@@ -646,7 +667,8 @@ class SaG(bert.TextConditioned, _EntityHeads):
         head_dim=self.head_dim,
         interaction_heads=self.interaction_heads,
         interaction_head_dim=self.interaction_head_dim, name='entities')(
-            features, sine_position_encoding(grid_h, grid_w, self.dim), train)
+            features, sine_position_encoding(grid_h, grid_w, self.dim,
+                                             self.position_encoding), train)
 
     encoded = self.encode_text(text_tokens, text_mask, train)
     text = linear(self, pool_text(encoded, text_mask, self.text_pooling),
