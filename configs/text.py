@@ -102,10 +102,11 @@ def get_config(arg=None):
   config.model = dict(
       image_size=config.data.image_size, dtype='float32',
       # Rematerialisation of the ViT's, BERT's and the slot layers' blocks
-      # (`refseg_jax.models.layers.REMAT_POLICIES`), and training's
-      # all-pairs fusion this many expressions at a time (0: all at once):
-      # memory for time, no number changes.
-      remat='none', fusion_chunk=0)
+      # (`refseg_jax.models.layers.REMAT_POLICIES`), the ViT's and BERT's
+      # blocks as one scan each (stacked parameters; where XLA:CPU honours
+      # remat), and training's all-pairs fusion this many expressions at
+      # a time (0: all at once): memory for time, no number changes.
+      remat='none', scan_layers=False, fusion_chunk=0)
   config.model.update(config_lib.choose(MODEL_VARIANTS, args.model, 'model'))
   config.loss = dict(
       c3=1.0, reconstruction=1.0,

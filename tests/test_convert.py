@@ -200,10 +200,15 @@ def at_path(tree, path):
 # --- parity, tiny configs: <= 1e-5 -------------------------------------------
 
 
-def test_bert_tiny_matches_hf_bert_model(tmp_path):
+# Unrolled blocks, and blocks as one rematerialised scan (stacked weights).
+LAYOUTS = [dict(), dict(scan_layers=True, remat='nothing_saveable')]
+
+
+@pytest.mark.parametrize('layout', LAYOUTS, ids=['unrolled', 'scanned'])
+def test_bert_tiny_matches_hf_bert_model(layout, tmp_path):
   hf = random_model(transformers.BertModel,
                     transformers.BertConfig(vocab_size=VOCAB, **BERT_TINY))
-  model = bert.BertEncoder(bert.preset('tiny', VOCAB))
+  model = bert.BertEncoder(bert.preset('tiny', VOCAB), **layout)
   converted = convert.load(saved(hf, tmp_path),
                            shapes(model, TOKENS, MASK))
   assert converted.unused == converted.missing == []
@@ -246,8 +251,9 @@ def hf_vit_tiny():
                       transformers.ViTConfig(**VIT_TINY))
 
 
-def test_vit_tiny_matches_hf_vit_model(hf_vit_tiny, tmp_path):
-  model = vit.ViT(**vit.PRESETS['tiny'], image_size=32)
+@pytest.mark.parametrize('layout', LAYOUTS, ids=['unrolled', 'scanned'])
+def test_vit_tiny_matches_hf_vit_model(layout, hf_vit_tiny, tmp_path):
+  model = vit.ViT(**vit.PRESETS['tiny'], image_size=32, **layout)
   converted = convert.load(saved(hf_vit_tiny, tmp_path),
                            shapes(model, np.zeros((1, 32, 32, 3))))
   assert converted.unused == ['pooler.dense.bias', 'pooler.dense.weight']
@@ -392,6 +398,17 @@ class _Exploit:
 
   def __reduce__(self):
     return os.mkdir, (self.path,)
+
+
+def test_scanned_blocks_missing_from_a_checkpoint_are_named(hf_vit_tiny,
+                                                           tmp_path):
+  hf_state = convert.read_state_dict(saved(hf_vit_tiny, tmp_path))
+  without_block_0 = {key: value for key, value in hf_state.items()
+                     if '.layer.0.' not in key}
+  assert len(without_block_0) < len(hf_state)
+  model = vit.ViT(**vit.PRESETS['tiny'], image_size=32, scan_layers=True)
+  with pytest.raises(ValueError, match=r'blocks/.*blocks \[1\], not 0 to 0'):
+    convert.convert(without_block_0, shapes(model, np.zeros((1, 32, 32, 3))))
 
 
 def test_pickled_checkpoint_cannot_run_code(tmp_path):

@@ -11,6 +11,7 @@ and rngs).
 
 import pathlib
 
+from flax import traverse_util
 import jax
 import numpy as np
 import pytest
@@ -19,6 +20,7 @@ from refseg_jax import config_lib
 from refseg_jax import tasks
 from refseg_jax import train
 from refseg_jax.benchmarks import train_step as train_step_benchmark
+from refseg_jax.models import convert
 from refseg_jax.models import layers
 from refseg_jax.models import resnet
 
@@ -27,21 +29,40 @@ VOCAB = 60
 TOLERANCE = 1e-5
 
 
-def _loss_and_grads(config_file: str, **model_fields):
+def _loss_and_grads(config_file: str, variables=None, **model_fields):
   """(loss, terms, gradients) of one tiny training step of `config_file`
-  with `model_fields` changed: 8 expressions, 2 per image, float32."""
+  with `model_fields` changed (8 expressions, 2 per image, float32), at
+  `variables` (None: the model's initial ones), and those variables."""
   config = config_lib.load(f'{REPO}/configs/{config_file}:data=ref_shapes_tiny')
   config.batch_size = 8
   config.data.expressions_per_image = 2
   config.model.update(model_fields)
   task = tasks.build(config, VOCAB)
-  variables = jax.jit(task.init_variables)(jax.random.key(0))
+  if variables is None:
+    variables = jax.jit(task.init_variables)(jax.random.key(0))
   batch = train_step_benchmark.train_batch(config, task.supervision, VOCAB)
   (total, (terms, _)), grads = jax.jit(
       lambda v, b: train.loss_and_grads(task, v['params'],
                                         v.get('batch_stats', {}), b, 7)
   )(variables, batch)
-  return total, terms, grads
+  return (total, terms, grads), variables
+
+
+def _scanned_layout(tree, config_file: str, **model_fields):
+  """`tree` (unrolled blocks' variables) in the layout of the model with
+  `model_fields`, through the checkpoint converter's block stacking."""
+  config = config_lib.load(f'{REPO}/configs/{config_file}:data=ref_shapes_tiny')
+  config.model.update(model_fields)
+  target = jax.eval_shape(tasks.build(config, VOCAB).init_variables,
+                          jax.random.key(0))
+  flat = {path: (np.asarray(x), '/'.join(path))
+          for path, x in traverse_util.flatten_dict(tree).items()}
+  wanted = {path: x for path, x in traverse_util.flatten_dict(target).items()
+            if path[0] in tree}
+  stacked = convert.stack_scanned(flat, wanted)
+  assert set(stacked) == set(wanted)
+  return traverse_util.unflatten_dict(
+      {path: array for path, (array, _) in stacked.items()})
 
 
 def _assert_same(plain, other):
@@ -65,11 +86,40 @@ def test_sag_remat_and_chunked_fusion_change_no_number():
   # The paper's gathering, the fusion layer (slot matching goes through the
   # same chunks). Dropout 0 (the tiny default): with dropout each chunk
   # draws its own masks, a different (equally valid) draw.
-  plain = _loss_and_grads('text.py', gather='fusion')
+  plain, _ = _loss_and_grads('text.py', gather='fusion')
   assert float(plain[0]) > 0 and any(
       float(np.abs(g).max()) > 0 for g in jax.tree.leaves(plain[2]))
   _assert_same(plain, _loss_and_grads(
-      'text.py', gather='fusion', remat='nothing_saveable', fusion_chunk=3))
+      'text.py', gather='fusion', remat='nothing_saveable', fusion_chunk=3)[0])
+
+
+def test_scanned_blocks_compute_the_unrolled_function():
+  """SaG's ViT and BERT blocks as one scan each, remat inside: at the same
+  parameters, stacked, the loss and every gradient (stacked the same way)
+  equal the unrolled model's."""
+  config_file = 'text.py'
+  (total, terms, grads), variables = _loss_and_grads(config_file)
+  scanned = dict(scan_layers=True, remat='nothing_saveable')
+  (total_2, terms_2, grads_2), _ = _loss_and_grads(
+      config_file, _scanned_layout(variables, config_file, **scanned),
+      **scanned)
+  assert 'layer' in grads_2['text']['encoder']
+  assert 'layer_0' not in grads_2['text']['encoder']
+  _assert_same((total, terms,
+                _scanned_layout({'params': grads}, config_file,
+                                **scanned)['params']),
+               (total_2, terms_2, grads_2))
+
+
+def test_pks_scans_its_bert_layers():
+  config = config_lib.load(f'{REPO}/configs/click.py:data=ref_shapes_tiny')
+  config.model.scan_layers = True
+  params = jax.eval_shape(tasks.build(config, VOCAB).init_variables,
+                          jax.random.key(0))['params']
+  layer = params['text']['encoder']
+  assert list(layer) == ['layer']
+  assert layer['layer']['attention']['self']['query']['kernel'].shape == (
+      2, 64, 64)
 
 
 def test_resnet_remat_changes_no_number():

@@ -228,17 +228,20 @@ class BertLayer(_BertModule):
 
 class BertLayerStack(_BertModule):
   """The encoder layers `layer_0` ... `layer_{n-1}` (HF `encoder`), each
-  rematerialised by the `remat` policy (`layers.REMAT_POLICIES`)."""
+  rematerialised by the `remat` policy (`layers.REMAT_POLICIES`); with
+  `scan_layers`, one scan over the layers, stacked under `layer`
+  (`layers.stack_blocks`)."""
   remat: str = 'none'
+  scan_layers: bool = False
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, bias: jnp.ndarray,
                train: bool) -> jnp.ndarray:
     """Maps [B, L, D] to [B, L, D]."""
-    layer = layers.remat(BertLayer, self.remat, static_argnums=(3,))
-    for i in range(self.config.num_hidden_layers):
-      x = layer(self.config, self.dtype, name=f'layer_{i}')(x, bias, train)
-    return x
+    return layers.stack_blocks(
+        BertLayer, dict(config=self.config, dtype=self.dtype), x,
+        (bias, train), depth=self.config.num_hidden_layers, name='layer',
+        remat_policy=self.remat, scan=self.scan_layers, static_argnums=(3,))
 
 
 class BertPooler(_BertModule):
@@ -258,8 +261,10 @@ class BertEncoder(_BertModule):
     config: The hyper-parameters, e.g. `preset('base', vocab_size=43)`.
     dtype: Computation dtype (e.g. jnp.bfloat16); params stay float32.
     remat: Rematerialisation policy of each layer (`layers.REMAT_POLICIES`).
+    scan_layers: Scan over the layers (see `BertLayerStack`).
   """
   remat: str = 'none'
+  scan_layers: bool = False
 
   @nn.compact
   def __call__(self, tokens: jnp.ndarray, text_mask: jnp.ndarray,
@@ -278,7 +283,7 @@ class BertEncoder(_BertModule):
     x = BertEmbeddings(self.config, self.dtype, name='embeddings')(
         tokens, train)
     hidden = BertLayerStack(self.config, self.dtype, self.remat,
-                            name='encoder')(x, attention_bias(text_mask),
+                            self.scan_layers, name='encoder')(x, attention_bias(text_mask),
                                             train)
     pooled = BertPooler(self.config, self.dtype, name='pooler')(hidden)
     return {'hidden': hidden, 'pooled': pooled, 'cls': hidden[:, 0]}
@@ -298,12 +303,16 @@ class TextConditioned(nn.Module, kw_only=True):
     remat: Rematerialisation policy of the encoders' repeated blocks (BERT's
       layers, and the model's image backbone), one of
       `layers.REMAT_POLICIES`; it changes memory and time, no number.
+    scan_layers: Scan over BERT's layers and the image backbone's blocks
+      (`layers.stack_blocks`): their parameters stacked, one block
+      compiled, and where XLA:CPU honours `remat`.
   """
   vocab_size: int
   bert_preset: str
   text_dropout: float | None
   dtype: Any
   remat: str = 'none'
+  scan_layers: bool = False
 
   def encode_text(self, text_tokens: jnp.ndarray, text_mask: jnp.ndarray,
                   train: bool) -> dict[str, jnp.ndarray]:
@@ -313,4 +322,5 @@ class TextConditioned(nn.Module, kw_only=True):
     """
     return BertEncoder(
         preset(self.bert_preset, self.vocab_size, self.text_dropout),
-        self.dtype, self.remat, name='text')(text_tokens, text_mask, train)
+        self.dtype, self.remat, self.scan_layers, name='text')(
+            text_tokens, text_mask, train)

@@ -26,6 +26,10 @@ How a checkpoint key finds its flax variable, one mechanism for every format:
 3. The leaf is renamed by what the model has there: `weight` -> `kernel`
    (linear: transposed; conv: OIHW -> HWIO), `scale` (norms) or `embedding`;
    `running_mean` / `running_var` -> the `batch_stats` `mean` / `var`.
+4. Where the model scans its blocks (`config.model.scan_layers`,
+   `layers.stack_blocks`: `blocks/...` with a leading block axis instead
+   of `blocks_0/...`, `blocks_1/...`), the blocks' tensors are stacked in
+   block order (`stack_scanned`).
 
 Shapes are then checked against the model; the first mismatch is an error
 naming the checkpoint key, the flax path and both shapes. The one exception
@@ -68,7 +72,7 @@ import dataclasses
 import io
 import math
 import re
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Collection, Mapping
 
 from absl import app
 from absl import flags
@@ -305,12 +309,53 @@ def to_flax_paths(canonical: Mapping[str, tuple[np.ndarray, str]],
     candidates = [(collection, *module, name) for collection, name
                   in _LEAVES.get(leaf, (('params', leaf),))]
     # Without a match the first candidate stands, reported as unused later.
-    path = next((p for p in candidates if p in target_paths), candidates[0])
+    path = next((p for p in candidates if p in target_paths
+                 or _scanned_place(p, target_paths)), candidates[0])
     tensors[path] = (_flax_layout(array, path[-1]), source)
   return tensors
 
 
 # --- checking against the model ----------------------------------------------
+
+# A numbered block in a flax path: `blocks_3`, `layer_11`.
+_NUMBERED = re.compile(r'(.+)_(\d+)')
+
+
+def _scanned_place(path: Path, wanted: Collection[Path]
+                   ) -> tuple[Path, int] | None:
+  """(the scanned path, block index) of a numbered block's `path` when the
+  model has no `path` but scans those blocks; else None."""
+  if path in wanted:
+    return None
+  for k, part in enumerate(path):
+    match = _NUMBERED.fullmatch(part)
+    if match and (scanned := path[:k] + (match[1],) + path[k + 1:]) in wanted:
+      return scanned, int(match[2])
+  return None
+
+
+def stack_scanned(tensors: Tensors, wanted: Collection[Path]) -> Tensors:
+  """Step 4 of the module doc: the tensors of numbered blocks stacked, in
+  block order, where the model (its flat `wanted` paths) scans them.
+
+  Raises:
+    ValueError: when a scanned tensor's blocks are not numbered 0 ... n-1.
+  """
+  stacked, blocks = {}, {}
+  for path, tensor in tensors.items():
+    place = _scanned_place(path, wanted)
+    if place is None:
+      stacked[path] = tensor
+    else:
+      blocks.setdefault(place[0], {})[place[1]] = tensor
+  for path, by_index in blocks.items():
+    if sorted(by_index) != list(range(len(by_index))):
+      raise ValueError(f'{"/".join(path)}: the checkpoint has blocks '
+                       f'{sorted(by_index)}, not 0 to {len(by_index) - 1}.')
+    arrays, sources = zip(*(by_index[i] for i in range(len(by_index))))
+    stacked[path] = (np.stack(arrays), f'{sources[0]} ... {sources[-1]}')
+  return stacked
+
 
 
 def _square_grid(tokens: int, source: str) -> tuple[int, int]:
@@ -356,6 +401,7 @@ def check_and_place(tensors: Tensors, target: Mapping[str, Any]) -> Converted:
       architecture's checkpoint).
   """
   wanted = traverse_util.flatten_dict(dict(target))
+  tensors = stack_scanned(tensors, wanted)
   arch = architecture_of(target)
   if not any(p in wanted and p[1] == arch.marker for p in tensors):
     raise ValueError(f'No checkpoint tensor fits the {arch.name} module\'s '

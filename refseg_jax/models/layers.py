@@ -7,11 +7,12 @@ each model only states what is its own (initialisers, epsilon, padding).
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Dtype = Any
 
@@ -82,3 +83,54 @@ def remat(module_class: type[nn.Module], policy: str,
   return nn.remat(module_class,
                   policy=getattr(jax.checkpoint_policies, policy),
                   static_argnums=tuple(static_argnums))
+
+
+def stack_blocks(block: type[nn.Module], fields: Mapping[str, Any],
+                 x: jax.Array, shared: Sequence[Any] = (),
+                 per_layer: Sequence[np.ndarray] = (), *, depth: int,
+                 name: str, remat_policy: str, scan: bool,
+                 static_argnums: Sequence[int] = ()) -> jax.Array:
+  """Applies `depth` blocks in sequence: x <- block_i(x, *shared, *args_i).
+
+  Call it from a compact method: the blocks are submodules of the caller.
+
+  Unrolled (`scan=False`), block i is the submodule `{name}_{i}` and gets
+  `float(a[i])` for each [depth] array `a` of `per_layer` (e.g. its
+  stochastic-depth rate). Scanned (`scan=True`), one `nn.scan` runs the
+  blocks: the submodule `name` holds every block's parameters stacked on a
+  leading [depth] axis (`refseg_jax.models.convert` stacks unrolled
+  checkpoints into it) and `per_layer` is scanned over. The scan compiles one block instead of
+  `depth`, and it is where XLA honours the rematerialisation of each
+  block (`remat_policy`, see `remat`): on XLA:CPU, remat in an unrolled
+  loop was scheduled away (docs/training.md). The two compute the same
+  function; random draws (initialisation, dropout) differ.
+
+  Args:
+    block: The block's module class.
+    fields: Its constructor's arguments (the same for every block).
+    x: The input, carried from block to block.
+    shared: Arguments every block gets after `x`, static ones included.
+    per_layer: [depth] arrays, one value of each per block, after `shared`.
+    depth: Number of blocks.
+    name: The blocks' submodule name (prefix when unrolled).
+    remat_policy: One of `REMAT_POLICIES`.
+    scan: Scan over the blocks (stacked parameters) or unroll them.
+    static_argnums: As `remat`'s, over (self, x, *shared, *per_layer).
+  """
+  block = remat(block, remat_policy, static_argnums)
+  if not scan:
+    for i in range(depth):
+      x = block(**fields, name=f'{name}_{i}')(
+          x, *shared, *(float(a[i]) for a in per_layer))
+    return x
+
+  def step(module, carry, layer_args):
+    return module(carry, *shared, *layer_args), None
+
+  scanned = nn.scan(step, variable_axes={'params': 0, 'intermediates': 0},
+                    split_rngs={'params': True, 'dropout': True},
+                    length=depth)
+  x, _ = scanned(block(**fields, name=name), x,
+                 tuple(jnp.asarray(a, jnp.float32) for a in per_layer))
+  return x
+

@@ -656,6 +656,7 @@ class SaG(bert.TextConditioned, _EntityHeads):
     tokens = vit.ViT(**vit.PRESETS[self.vit_preset],
                      image_size=self.image_size, drop_path_rate=self.drop_path,
                      dtype=self.dtype, remat=self.remat,
+                     scan_layers=self.scan_layers,
                      name='backbone')(pixels, train)
     _, grid_h, grid_w, width = tokens['grid'].shape
     features = linear(self, tokens['tokens'], self.dim, 'visual_projection')

@@ -14,6 +14,9 @@ index is joined with `_`:
   blocks.{i}.mlp.{fc1,fc2}.*      -> blocks_{i}/mlp/{fc1,fc2}/{kernel,bias}
   norm.*                          -> norm/{scale,bias}
 
+With `scan_layers` the blocks are one scanned `blocks/...`, each leaf with
+a leading [depth] axis (the converter stacks the `blocks_{i}`).
+
 Linear kernels are (in, out) (torch weights need a transpose); the patch
 kernel is HWIO. `pos_embed` is [1, 1 + gh * gw, D] with the class token's
 position first, as in timm.
@@ -95,20 +98,20 @@ def interpolate_pos_embed(pos_embed: jax.Array, old_grid: Grid,
 
 
 class DropPath(nn.Module):
-  """Per-example stochastic depth on a residual branch.
-
-  Attributes:
-    rate: Probability of dropping the branch for an example.
-  """
-
-  rate: float
+  """Per-example stochastic depth on a residual branch."""
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    """Zeroes `x` for dropped examples and rescales the kept ones."""
-    if not train or self.rate == 0.0:
+  def __call__(self, x: jax.Array, rate: float | jax.Array,
+               train: bool) -> jax.Array:
+    """Zeroes `x` for dropped examples and rescales the kept ones.
+
+    `rate`, the probability of dropping the branch for an example, may be
+    traced (a block's rate inside a scan over blocks); a Python 0.0 draws
+    nothing.
+    """
+    if not train or (isinstance(rate, float) and rate == 0.0):
       return x
-    keep = 1.0 - self.rate
+    keep = 1.0 - rate
     shape = (x.shape[0],) + (1,) * (x.ndim - 1)
     mask = jax.random.bernoulli(self.make_rng('dropout'), keep, shape)
     return jnp.where(mask, x / keep, jnp.zeros_like(x))
@@ -163,25 +166,25 @@ class Block(nn.Module):
   Attributes:
     num_heads: Attention heads.
     mlp_ratio: MLP hidden width over model width.
-    drop_path: Stochastic-depth rate of both residual branches.
     dtype: Computation dtype.
   """
 
   num_heads: int
   mlp_ratio: float = 4.0
-  drop_path: float = 0.0
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    """Applies attention and MLP residual branches to `x` [B, N, D]."""
-    drop = DropPath(self.drop_path)
+  def __call__(self, x: jax.Array, train: bool,
+               drop_path: float | jax.Array = 0.0) -> jax.Array:
+    """Applies attention and MLP residual branches to `x` [B, N, D], each
+    dropped (in training) with probability `drop_path` (see `DropPath`)."""
+    drop = DropPath()
     y = Attention(self.num_heads, self.dtype, name='attn')(
         _layer_norm(self.dtype, 'norm1')(x))
-    x = x + drop(y, train)
+    x = x + drop(y, drop_path, train)
     y = Mlp(int(x.shape[-1] * self.mlp_ratio), self.dtype, name='mlp')(
         _layer_norm(self.dtype, 'norm2')(x))
-    return x + drop(y, train)
+    return x + drop(y, drop_path, train)
 
 
 class PatchEmbed(nn.Module):
@@ -236,6 +239,8 @@ class ViT(nn.Module):
     dtype: Computation dtype; parameters are always float32.
     remat: Rematerialisation policy of each block, one of
       `layers.REMAT_POLICIES` ('none': keep every activation).
+    scan_layers: Run the blocks as one scan, their parameters stacked
+      under `blocks` (see `layers.stack_blocks`) instead of `blocks_{i}`.
   """
 
   width: int
@@ -247,6 +252,7 @@ class ViT(nn.Module):
   drop_path_rate: float = 0.0
   dtype: Dtype = jnp.float32
   remat: str = 'none'
+  scan_layers: bool = False
 
   @nn.compact
   def __call__(self, images: jax.Array, train: bool) -> Dict[str, jax.Array]:
@@ -275,11 +281,14 @@ class ViT(nn.Module):
     x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, d)).astype(x.dtype),
                          x.reshape(b, gh * gw, d)], axis=1)
     x = x + pos_embed.astype(x.dtype)
-    block = layers.remat(Block, self.remat, static_argnums=(2,))
-    for i, rate in enumerate(np.linspace(0.0, self.drop_path_rate,
-                                         self.depth)):
-      x = block(self.num_heads, self.mlp_ratio, float(rate), self.dtype,
-                name=f'blocks_{i}')(x, train)
+    # Stochastic depth rises linearly over the blocks (none: no draws).
+    rates = ((np.linspace(0.0, self.drop_path_rate, self.depth),)
+             if self.drop_path_rate else ())
+    x = layers.stack_blocks(
+        Block, dict(num_heads=self.num_heads, mlp_ratio=self.mlp_ratio,
+                    dtype=self.dtype), x, (train,), rates, depth=self.depth,
+        name='blocks', remat_policy=self.remat, scan=self.scan_layers,
+        static_argnums=(2,))
     x = _layer_norm(self.dtype, 'norm')(x)
     tokens = x[:, 1:]
     return {'tokens': tokens, 'cls': x[:, 0],
