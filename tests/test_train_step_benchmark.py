@@ -132,7 +132,20 @@ def test_memory_holds_the_state_and_gflop_doubles_with_the_batch(command):
   assert 1.8 < large['gflop_per_step'] / small['gflop_per_step'] < 2.2
   assert large['gflop_per_example'] == pytest.approx(
       small['gflop_per_example'], rel=0.1)
-  assert large['gflop_per_step'] == pytest.approx(large['gflop_per_device'])
+  # The model's FLOPs (the unoptimised program) and XLA's count of the
+  # compiled one agree within its optimisations (measured: 0.4 %).
+  assert large['gflop_per_step'] == pytest.approx(large['gflop_per_device'],
+                                                  rel=0.02)
+  # Scanned, rematerialised blocks: the model's FLOPs stay those of the
+  # unrolled model, while XLA's count of the compiled program changes (it
+  # sees each scan's body once, plus remat's recomputation: 1.02 against
+  # 1.07 GFLOP here).
+  config.model.update(scan_layers=True, remat='nothing_saveable')
+  scanned = train_step.run(config, compile_only=True, evaluate=False,
+                           num_devices=1)['train']
+  assert scanned['gflop_per_step'] == large['gflop_per_step']
+  assert scanned['gflop_per_device'] != pytest.approx(
+      large['gflop_per_device'], rel=0.02)
   # Twice the activations, the same state.
   assert large['memory']['temp_size_in_bytes'] > (
       1.5 * small['memory']['temp_size_in_bytes'])
@@ -234,7 +247,7 @@ def test_flops_and_memory_read_every_analysis_form():
   assert train_step.flops(Compiled(None)) is None
   assert train_step.flops(Compiled([{'bytes accessed': 1.0}])) is None
   assert train_step.memory(Compiled(None)) is None
-  report = train_step.cost_report(Compiled({'flops': 2e9}), 1.5, 8, 4)
+  report = train_step.cost_report(Compiled({'flops': 2e9}), 1.5, 8, 8e9)
   assert (report['gflop_per_device'], report['gflop_per_step'],
           report['gflop_per_example']) == (2.0, 8.0, 1.0)
   figures = train_step.rates([3.0, 1.0, 2.0], 8, 10.0, 20.0)

@@ -15,9 +15,15 @@ tokens with a valid mask, and the boxes, clicks and masks its supervision
 reads; no dataset on disk), and reports, for each:
 
     compile_s                 lowering + XLA compilation
+    gflop_per_step, _example  the model's FLOPs per step, per example:
+                              XLA's cost analysis of the step's program
+                              lowered (not compiled) in `PLAIN_LAYOUT`,
+                              blocks unrolled and nothing rematerialised,
+                              so neither remat's recomputation nor a scan
+                              (whose body XLA counts once) changes them
     gflop_per_device          XLA's cost analysis of the compiled program
-                              (one device's partition of it)
-    gflop_per_step, _example  x the devices, / the batch
+                              (one device's partition of it; a scan's
+                              body counted once)
     memory                    XLA's memory analysis, per device: argument,
                               output, temporary, generated-code bytes
 and unless `--compile_only`:
@@ -54,8 +60,9 @@ dataset's size, which changes no cost). Everything goes to stdout as JSON
 leaves the evaluation out; `--peak_size`, `--peak_repeats`, `--peak_dtype`
 set the matmul of the peak.
 
-GB are 10^9 bytes. GFLOP count what XLA executes (a data-parallel step
-repeats the optimiser update on every device).
+GB are 10^9 bytes. The model's GFLOP are of the whole (global) program;
+a data-parallel compiled step repeats the optimiser update on every
+device, which `gflop_per_device` counts and they do not.
 """
 
 from __future__ import annotations
@@ -317,17 +324,47 @@ def memory(compiled) -> dict[str, int] | None:
 
 
 def cost_report(compiled, compile_s: float, batch_size: int,
-                num_devices: int) -> dict[str, Any]:
-  """Compile time, GFLOP (per device, per step, per example) and memory."""
+                model_flops: float | None) -> dict[str, Any]:
+  """Compile time, GFLOP (the model's per step and per example, XLA's per
+  device of the compiled program) and memory."""
   per_device = flops(compiled)
   report = {'compile_s': compile_s, 'batch_size': batch_size,
-            'gflop_per_device': None, 'gflop_per_step': None,
-            'gflop_per_example': None, 'memory': memory(compiled)}
-  if per_device is not None:
-    step = per_device * num_devices / 1e9
-    report.update(gflop_per_device=per_device / 1e9, gflop_per_step=step,
-                  gflop_per_example=step / batch_size)
+            'gflop_per_step': None, 'gflop_per_example': None,
+            'gflop_per_device': None if per_device is None else per_device / 1e9,
+            'memory': memory(compiled)}
+  if model_flops is not None:
+    report.update(gflop_per_step=model_flops / 1e9,
+                  gflop_per_example=model_flops / 1e9 / batch_size)
   return report
+
+
+# What the model's FLOPs are counted in (`model_flops`): every block
+# unrolled, nothing rematerialised, the all-pairs fusion at once. The keys a
+# config lacks are left out.
+PLAIN_LAYOUT = {'model.scan_layers': False, 'model.remat': 'none',
+                'model.fusion_chunk': 0}
+
+
+def model_flops(config: ml_collections.ConfigDict, vocab: int,
+                mesh: jax.sharding.Mesh, batch: Mapping[str, jax.Array],
+                eval_inputs: Mapping[str, jax.Array] | None
+                ) -> dict[str, float | None]:
+  """{'train', 'eval'}: the FLOPs of the whole (all devices') train step on
+  `batch` and eval step on `eval_inputs` (None: no 'eval'), from XLA's cost
+  analysis of their programs in `PLAIN_LAYOUT`, lowered, never compiled:
+  what the model computes, whatever the config's remat and scans."""
+  plain = configure(config, overrides={
+      key: value for key, value in PLAIN_LAYOUT.items()
+      if key.split('.')[-1] in config.model})
+  task = tasks.build(plain, vocab)
+  state, shardings = train_state.shapes_and_shardings(plain, task, mesh)
+  counts = {'train': flops(train.make_train_step(
+      plain, task, mesh, shardings).lower(state, batch))}
+  if eval_inputs is not None:
+    counts['eval'] = flops(evaluator.make_eval_step(
+        task, mesh, shardings.eval_variables()).lower(
+            state.eval_variables(), eval_inputs))
+  return counts
 
 
 # ------------------------------------------------------------------ timing
@@ -527,13 +564,14 @@ def run(config: ml_collections.ConfigDict, *, compile_only: bool = False,
   report['param_bytes'] = int(sum(x.size * jnp.dtype(x.dtype).itemsize
                                   for x in jax.tree.leaves(state.params)))
 
+  counted = model_flops(config, vocab, mesh, batch, eval_inputs)
   logging.info('Compiling the train step (%s, batch %d).', config.task,
                config.batch_size)
   compiled, compile_s = compile_train_step(
       train.make_train_step(config, task, mesh, state_shardings), state,
       batch)
   report['train'] = cost_report(compiled, compile_s, config.batch_size,
-                                shards)
+                                counted['train'])
 
   report['eval'] = None
   if evaluate:
@@ -545,7 +583,7 @@ def run(config: ml_collections.ConfigDict, *, compile_only: bool = False,
     compiled_eval = eval_step.lower(state.eval_variables(),
                                     eval_inputs).compile()
     report['eval'] = cost_report(compiled_eval, time.perf_counter() - start,
-                                 config.eval.batch_size, shards)
+                                 config.eval.batch_size, counted['eval'])
   if compile_only:
     report['peak_rss_gb'] = peak_rss_gb()
     return report

@@ -114,7 +114,7 @@ class DropPath(nn.Module):
     keep = 1.0 - rate
     shape = (x.shape[0],) + (1,) * (x.ndim - 1)
     mask = jax.random.bernoulli(self.make_rng('dropout'), keep, shape)
-    return jnp.where(mask, x / keep, jnp.zeros_like(x))
+    return jnp.where(mask, x / jnp.asarray(keep, x.dtype), jnp.zeros_like(x))
 
 
 class Attention(nn.Module):
