@@ -297,18 +297,24 @@ def test_vit_position_embeddings_resized_for_another_image_size(
   assert ours['grid'].shape == (1, 8, 8, 64)
 
 
-@pytest.mark.parametrize('preset,hf_config', [
-    (resnet.PRESETS['tiny'], RESNET_TINY),
-    # Two blocks in stage 1 and 4: identity shortcuts after projected ones.
-    (dict(block='bottleneck', stage_sizes=(2, 1, 1, 2), widths=(8, 16, 32, 64)),
-     dict(embedding_size=8, hidden_sizes=[32, 64, 128, 256],
-          depths=[2, 1, 1, 2], layer_type='bottleneck')),
-], ids=['basic', 'bottleneck'])
+# Two or three blocks in stages 1 and 4: identity shortcuts after projected
+# ones (scanned: blocks 1 and 2 of stage 1 stacked, block 0 apart).
+_BOTTLENECK = dict(block='bottleneck', stage_sizes=(3, 1, 1, 2),
+                   widths=(8, 16, 32, 64))
+_HF_BOTTLENECK = dict(embedding_size=8, hidden_sizes=[32, 64, 128, 256],
+                      depths=[3, 1, 1, 2], layer_type='bottleneck')
+
+
+@pytest.mark.parametrize('preset,hf_config,layout', [
+    (resnet.PRESETS['tiny'], RESNET_TINY, LAYOUTS[0]),
+    (_BOTTLENECK, _HF_BOTTLENECK, LAYOUTS[0]),
+    (_BOTTLENECK, _HF_BOTTLENECK, LAYOUTS[1]),
+], ids=['basic', 'bottleneck', 'bottleneck_scanned'])
 def test_resnet_tiny_matches_hf_and_torchvision_names(preset, hf_config,
-                                                      tmp_path):
+                                                      layout, tmp_path):
   hf = random_model(transformers.ResNetModel,
                     transformers.ResNetConfig(**hf_config))
-  model = resnet.ResNet(**preset)
+  model = resnet.ResNet(**preset, **layout)
   target = shapes(model, np.zeros((1, 64, 64, 3)))
   from_hf = convert.load(saved(hf, tmp_path / 'hf'), target)
   assert from_hf.unused == from_hf.missing == []
@@ -407,7 +413,9 @@ def test_scanned_blocks_missing_from_a_checkpoint_are_named(hf_vit_tiny,
                      if '.layer.0.' not in key}
   assert len(without_block_0) < len(hf_state)
   model = vit.ViT(**vit.PRESETS['tiny'], image_size=32, scan_layers=True)
-  with pytest.raises(ValueError, match=r'blocks/.*blocks \[1\], not 0 to 0'):
+  with pytest.raises(ValueError, match=r"'encoder\.layer\.1\.[^ ]*' "
+                     r'\(-> params/blocks/.*has shape \(1, (\d+)\).*wants '
+                     r'\(2, \1\)'):
     convert.convert(without_block_0, shapes(model, np.zeros((1, 32, 32, 3))))
 
 

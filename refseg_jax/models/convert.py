@@ -336,10 +336,13 @@ def _scanned_place(path: Path, wanted: Collection[Path]
 
 def stack_scanned(tensors: Tensors, wanted: Collection[Path]) -> Tensors:
   """Step 4 of the module doc: the tensors of numbered blocks stacked, in
-  block order, where the model (its flat `wanted` paths) scans them.
+  block order, where the model (its flat `wanted` paths) scans them. (A
+  block the model keeps apart, such as a ResNet stage's block 0 before
+  the scanned `layer3`, stays where it is; a missing block shows as a
+  shape mismatch later.)
 
   Raises:
-    ValueError: when a scanned tensor's blocks are not numbered 0 ... n-1.
+    ValueError: when a scanned tensor's blocks are not consecutive.
   """
   stacked, blocks = {}, {}
   for path, tensor in tensors.items():
@@ -349,11 +352,13 @@ def stack_scanned(tensors: Tensors, wanted: Collection[Path]) -> Tensors:
     else:
       blocks.setdefault(place[0], {})[place[1]] = tensor
   for path, by_index in blocks.items():
-    if sorted(by_index) != list(range(len(by_index))):
-      raise ValueError(f'{"/".join(path)}: the checkpoint has blocks '
-                       f'{sorted(by_index)}, not 0 to {len(by_index) - 1}.')
-    arrays, sources = zip(*(by_index[i] for i in range(len(by_index))))
-    stacked[path] = (np.stack(arrays), f'{sources[0]} ... {sources[-1]}')
+    numbers = sorted(by_index)
+    if numbers != list(range(numbers[0], numbers[0] + len(numbers))):
+      raise ValueError(f'{"/".join(path)}: the checkpoint\'s blocks '
+                       f'{numbers} are not consecutive.')
+    arrays, sources = zip(*(by_index[i] for i in numbers))
+    stacked[path] = (np.stack(arrays), sources[0] if len(sources) == 1
+                     else f'{sources[0]} ... {sources[-1]}')
   return stacked
 
 

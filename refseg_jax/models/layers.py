@@ -89,12 +89,14 @@ def stack_blocks(block: type[nn.Module], fields: Mapping[str, Any],
                  x: jax.Array, shared: Sequence[Any] = (),
                  per_layer: Sequence[np.ndarray] = (), *, depth: int,
                  name: str, remat_policy: str, scan: bool,
-                 static_argnums: Sequence[int] = ()) -> jax.Array:
+                 static_argnums: Sequence[int] = (),
+                 first_index: int = 0) -> jax.Array:
   """Applies `depth` blocks in sequence: x <- block_i(x, *shared, *args_i).
 
   Call it from a compact method: the blocks are submodules of the caller.
 
-  Unrolled (`scan=False`), block i is the submodule `{name}_{i}` and gets
+  Unrolled (`scan=False`), block i is the submodule `{name}_{i}` (i from
+  `first_index`, e.g. 1 where block 0 of a ResNet stage differs) and gets
   `float(a[i])` for each [depth] array `a` of `per_layer` (e.g. its
   stochastic-depth rate). Scanned (`scan=True`), one `nn.scan` runs the
   blocks: the submodule `name` holds every block's parameters stacked on a
@@ -116,18 +118,20 @@ def stack_blocks(block: type[nn.Module], fields: Mapping[str, Any],
     remat_policy: One of `REMAT_POLICIES`.
     scan: Scan over the blocks (stacked parameters) or unroll them.
     static_argnums: As `remat`'s, over (self, x, *shared, *per_layer).
+    first_index: The unrolled blocks' first number.
   """
   block = remat(block, remat_policy, static_argnums)
-  if not scan:
+  if not scan or depth == 0:
     for i in range(depth):
-      x = block(**fields, name=f'{name}_{i}')(
+      x = block(**fields, name=f'{name}_{first_index + i}')(
           x, *shared, *(float(a[i]) for a in per_layer))
     return x
 
   def step(module, carry, layer_args):
     return module(carry, *shared, *layer_args), None
 
-  scanned = nn.scan(step, variable_axes={'params': 0, 'intermediates': 0},
+  scanned = nn.scan(step, variable_axes={'params': 0, 'batch_stats': 0,
+                                         'intermediates': 0},
                     split_rngs={'params': True, 'dropout': True},
                     length=depth)
   x, _ = scanned(block(**fields, name=name), x,

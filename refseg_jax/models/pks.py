@@ -360,7 +360,8 @@ class PKS(bert.TextConditioned):
     """
     features = resnet.ResNet(
         **resnet.PRESETS[self.resnet_preset], dtype=self.dtype,
-        frozen_bn=self.frozen_bn, remat=self.remat, name='backbone')(
+        frozen_bn=self.frozen_bn, remat=self.remat,
+        scan_layers=self.scan_layers, name='backbone')(
             normalise_images(images, self.dtype), train)
     levels = Neck(self.dim, self.dtype, self.mask_stride == 4,
                   name='neck')(features)

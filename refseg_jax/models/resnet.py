@@ -142,6 +142,8 @@ class ResNet(nn.Module):
     frozen_bn: Always use BN running averages (see module docstring).
     remat: Rematerialisation policy of each residual block
       (`layers.REMAT_POLICIES`).
+    scan_layers: Run the blocks after the first of each stage as one scan
+      (`layers.stack_blocks`): `layer{s}_0`, then `layer{s}` stacked.
   """
 
   block: str
@@ -150,6 +152,7 @@ class ResNet(nn.Module):
   dtype: Dtype = jnp.float32
   frozen_bn: bool = False
   remat: str = 'none'
+  scan_layers: bool = False
 
   @nn.compact
   def __call__(self, images: jax.Array, train: bool) -> Dict[str, jax.Array]:
@@ -167,13 +170,17 @@ class ResNet(nn.Module):
     conv, bn = _layers(self.dtype, self.frozen_bn, train)
     x = nn.relu(bn(name='bn1')(conv(self.widths[0], 7, 2, 'conv1')(images)))
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
-    block_cls = layers.remat(_BLOCKS[self.block], self.remat,
-                             static_argnums=(2,))
+    block_cls = _BLOCKS[self.block]
     features = {}
     for s, (size, width) in enumerate(zip(self.stage_sizes, self.widths)):
-      for i in range(size):
-        stride = 2 if s > 0 and i == 0 else 1
-        x = block_cls(width, stride, self.dtype, self.frozen_bn,
-                      name=f'layer{s + 1}_{i}')(x, train)
+      # Block 0 changes the shape (stride, channels); the others repeat.
+      x = layers.remat(block_cls, self.remat, static_argnums=(2,))(
+          width, 2 if s > 0 else 1, self.dtype, self.frozen_bn,
+          name=f'layer{s + 1}_0')(x, train)
+      x = layers.stack_blocks(
+          block_cls, dict(width=width, stride=1, dtype=self.dtype,
+                          frozen_bn=self.frozen_bn), x, (train,),
+          depth=size - 1, name=f'layer{s + 1}', remat_policy=self.remat,
+          scan=self.scan_layers, static_argnums=(2,), first_index=1)
       features[f'stage{s + 1}'] = x
     return features
