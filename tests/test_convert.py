@@ -413,7 +413,7 @@ def test_scanned_blocks_missing_from_a_checkpoint_are_named(hf_vit_tiny,
                      if '.layer.0.' not in key}
   assert len(without_block_0) < len(hf_state)
   model = vit.ViT(**vit.PRESETS['tiny'], image_size=32, scan_layers=True)
-  with pytest.raises(ValueError, match=r"'encoder\.layer\.1\.[^ ]*' "
+  with pytest.raises(ValueError, match=r"'encoder\.layer\.1\.[^']*' "
                      r'\(-> params/blocks/.*has shape \(1, (\d+)\).*wants '
                      r'\(2, \1\)'):
     convert.convert(without_block_0, shapes(model, np.zeros((1, 32, 32, 3))))
