@@ -15,9 +15,9 @@ the slot decoder reconstructs patch pixels, the expression vector is the
 mean of BERT's token states, and the expression gathers slots by slot
 matching, leaving out slots that cover over 20 % of the image
 (docs/results.md compares these with the official ViT features, [CLS] and
-fusion layer). Measured on a 2-core CPU (2026-12-03), mean ± std over
+fusion layer). Measured on a 2-core CPU (2026-12-04), mean ± std over
 seeds 0, 1, 2 (the supervision benchmark, docs/results.md): validation
-mIoU 28.87 ± 2.00, PointM 39.94 ± 2.10 (seeds 30.35, 26.59, 29.68 mIoU),
+mIoU 29.97 ± 0.73, PointM 41.37 ± 1.42 (seeds 30.79, 29.41, 29.71 mIoU),
 against 30.01 ± 0.32 and 41.75 ± 0.28 before SaG became the official
 function (issue 21; with every official layer option, 24.52 ± 5.16).
 
