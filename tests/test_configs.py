@@ -181,11 +181,14 @@ def test_paper_variants_are_the_paper_scale_models():
       'groups', 'slots_per_group', 'iterations', 'heads', 'head_dim',
       'interaction_heads', 'interaction_head_dim', 'dim', 'dropout',
       'drop_path', 'gather', 'reconstruct', 'text_pooling',
-      'image_normalisation', 'dtype')} == dict(
+      'image_normalisation', 'dtype', 'initialisation', 'qkv_bias',
+      'position_after_norm', 'position_encoding')} == dict(
           groups=12, slots_per_group=3, iterations=6, heads=4, head_dim=256,
           interaction_heads=4, interaction_head_dim=128, dim=512, dropout=0.1,
           drop_path=0.1, gather='fusion', reconstruct='features',
-          text_pooling='cls', image_normalisation='half', dtype='bfloat16')
+          text_pooling='cls', image_normalisation='half', dtype='bfloat16',
+          initialisation='official', qkv_bias=False,
+          position_after_norm=False, position_encoding='detr')
   assert (sag_paper.data.resize, sag_paper.data.expressions_per_image,
           sag_paper.data.flip) == ('stretch', 0, False)
   assert (sag_paper.total_epochs, sag_paper.batch_size) == (50, 32)

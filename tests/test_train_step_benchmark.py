@@ -85,6 +85,9 @@ def test_speed_figures_follow_from_the_timed_steps(command):
                                                             'float32')
   assert peak['gflop_per_s'] == pytest.approx(
       2 * PEAK_SIZE ** 3 * peak['repeats'] / peak['best_s'] / 1e9)
+  # Measured before and after the timed steps; the faster counts.
+  assert len(peak['measured_gflop_per_s']) == 2
+  assert peak['gflop_per_s'] == max(peak['measured_gflop_per_s'])
   for section, batch in ((report['train'], 4), (report['eval'], 4)):
     assert section['steps_timed'] == 2
     assert 0 < section['s_per_step_min'] <= section['s_per_step'] <= (
