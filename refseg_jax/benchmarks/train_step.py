@@ -331,7 +331,8 @@ def cost_report(compiled, compile_s: float, batch_size: int,
   per_device = flops(compiled)
   report = {'compile_s': compile_s, 'batch_size': batch_size,
             'gflop_per_step': None, 'gflop_per_example': None,
-            'gflop_per_device': None if per_device is None else per_device / 1e9,
+            'gflop_per_device': (None if per_device is None
+                                 else per_device / 1e9),
             'memory': memory(compiled)}
   if model_flops is not None:
     report.update(gflop_per_step=model_flops / 1e9,

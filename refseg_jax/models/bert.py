@@ -283,8 +283,8 @@ class BertEncoder(_BertModule):
     x = BertEmbeddings(self.config, self.dtype, name='embeddings')(
         tokens, train)
     hidden = BertLayerStack(self.config, self.dtype, self.remat,
-                            self.scan_layers, name='encoder')(x, attention_bias(text_mask),
-                                            train)
+                            self.scan_layers, name='encoder')(
+                                x, attention_bias(text_mask), train)
     pooled = BertPooler(self.config, self.dtype, name='pooler')(hidden)
     return {'hidden': hidden, 'pooled': pooled, 'cls': hidden[:, 0]}
 

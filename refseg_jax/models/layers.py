@@ -101,11 +101,12 @@ def stack_blocks(block: type[nn.Module], fields: Mapping[str, Any],
   stochastic-depth rate). Scanned (`scan=True`), one `nn.scan` runs the
   blocks: the submodule `name` holds every block's parameters stacked on a
   leading [depth] axis (`refseg_jax.models.convert` stacks unrolled
-  checkpoints into it) and `per_layer` is scanned over. The scan compiles one block instead of
-  `depth`, and it is where XLA honours the rematerialisation of each
-  block (`remat_policy`, see `remat`): on XLA:CPU, remat in an unrolled
-  loop was scheduled away (docs/training.md). The two compute the same
-  function; random draws (initialisation, dropout) differ.
+  checkpoints into it) and `per_layer` is scanned over. The scan compiles
+  one block instead of `depth`, and it is where XLA honours the
+  rematerialisation of each block (`remat_policy`, see `remat`): on
+  XLA:CPU, remat in an unrolled loop was scheduled away
+  (docs/training.md). The two compute the same function; random draws
+  (initialisation, dropout) differ.
 
   Args:
     block: The block's module class.
@@ -137,4 +138,3 @@ def stack_blocks(block: type[nn.Module], fields: Mapping[str, Any],
   x, _ = scanned(block(**fields, name=name), x,
                  tuple(jnp.asarray(a, jnp.float32) for a in per_layer))
   return x
-
