@@ -45,7 +45,7 @@ PKS_MODEL_VARIANTS: dict[str, dict[str, Any]] = {
     'tiny': dict(resnet_preset='tiny', bert_preset='tiny', dim=32,
                  text_dropout=0.0),
     # Scanned, rematerialised ResNet and BERT blocks: r101's batch of 32
-    # at 480 px in 23.6 GB instead of 31.7 GB (float32, this CPU;
+    # at 480 px plans 23.6 GB instead of 31.7 GB (float32, this CPU;
     # docs/training.md).
     'r50': dict(resnet_preset='resnet50', bert_preset='base', dim=256,
                 dtype='bfloat16', scan_layers=True, remat='nothing_saveable'),
