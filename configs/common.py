@@ -209,7 +209,8 @@ def pks_model(variant: str) -> ml_collections.ConfigDict:
       # Rematerialisation of the ResNet's and BERT's blocks, a name in
       # `refseg_jax.models.layers.REMAT_POLICIES` ('none': keep every
       # activation); memory for time, no number changes. BERT's layers
-      # as one scan (stacked parameters; where XLA:CPU honours remat).
+      # and each ResNet stage's blocks after the first as one scan
+      # (stacked parameters; where XLA:CPU honours remat).
       remat='none', scan_layers=False))
   model.update(config_lib.choose(PKS_MODEL_VARIANTS, variant, 'model'))
   return model

@@ -362,7 +362,6 @@ def stack_scanned(tensors: Tensors, wanted: Collection[Path]) -> Tensors:
   return stacked
 
 
-
 def _square_grid(tokens: int, source: str) -> tuple[int, int]:
   side = math.isqrt(tokens)
   if side * side != tokens:
