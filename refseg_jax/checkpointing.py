@@ -34,15 +34,18 @@ import orbax.checkpoint as ocp
 def managers(workdir: epath.Path, config: ml_collections.ConfigDict
              ) -> tuple[ocp.CheckpointManager, ocp.CheckpointManager]:
   """(latest train states, best params) managers of `workdir`."""
+  # cleanup_tmp_directories: a run killed while saving leaves the save's
+  # temporary directory; the next run removes it.
   latest = ocp.CheckpointManager(
       workdir / 'checkpoints',
       options=ocp.CheckpointManagerOptions(
-          max_to_keep=config.keep_checkpoints, create=True))
+          max_to_keep=config.keep_checkpoints, create=True,
+          cleanup_tmp_directories=True))
   best = ocp.CheckpointManager(
       workdir / 'best',
       options=ocp.CheckpointManagerOptions(
           max_to_keep=1, best_fn=_best_mIoU, best_mode='max',
-          create=True))
+          create=True, cleanup_tmp_directories=True))
   return latest, best
 
 
@@ -228,7 +231,14 @@ def save_state(manager: ocp.CheckpointManager, step: int, state: Any,
 def save_best(manager: ocp.CheckpointManager, step: int, state: Any,
               metrics: Mapping[str, float]) -> None:
   """Keeps the evaluated variables (params, or their average, and batch
-  statistics) if `metrics['mIoU']` is the best so far."""
+  statistics) if `metrics['mIoU']` is the best so far.
+
+  A step already kept is left as it is: a run killed after this save but
+  before its train state's evaluates that step again on resuming, to the
+  same variables and scores.
+  """
+  if step in manager.all_steps():
+    return
   manager.save(step, args=ocp.args.StandardSave(state.eval_variables()),
                metrics=dict(metrics))
 

@@ -42,10 +42,15 @@ def write_json(path: epath.Path, value: Any) -> None:
 
 
 def append_history(path: epath.Path, entry: Mapping[str, Any]) -> None:
-  """Adds `entry` to the JSON list at `path` (rewritten whole: gs:// files
-  cannot be appended to)."""
+  """Adds `entry` (with its 'step' and 'split') to the JSON list at `path`,
+  in place of an earlier entry of the same step and split: a run killed
+  after an evaluation but before the checkpoint of that step evaluates it
+  again on resuming. (Rewritten whole: gs:// files cannot be appended to.)
+  """
   history = json.loads(path.read_text()) if path.exists() else []
-  write_json(path, history + [dict(entry)])
+  kept = [old for old in history
+          if (old['step'], old['split']) != (entry['step'], entry['split'])]
+  write_json(path, kept + [dict(entry)])
 
 
 def percent_table(rows: Mapping[str, Mapping[str, Any]], columns: Sequence[str],

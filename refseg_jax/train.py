@@ -21,7 +21,9 @@ steps equal 2N uninterrupted steps; on any mesh (orbax reshards); and only
 if the config still trains the same thing (`config_lib.check_resume`).
 Only process 0 writes files other than checkpoints. SIGTERM (preemption)
 saves a checkpoint at the current step and returns cleanly; a non-finite
-loss stops the run with an error naming the step.
+loss or gradient stops the run with an error naming the step before any
+later checkpoint is written (or, with `config.skip_nonfinite_updates`,
+that step's update is skipped).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from clu.data import dataset_iterator
 from clu import periodic_actions
 from etils import epath
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
@@ -82,18 +85,29 @@ def make_train_step(config: ml_collections.ConfigDict, task: base.Task,
 
   Metrics (loss, its terms, gradient norm, learning rate) come back
   replicated. The rng keys are folded from the seed and the step
-  (`Task.train_rngs`), so a resumed run draws the same ones.
+  (`Task.train_rngs`), so a resumed run draws the same ones. With
+  `config.skip_nonfinite_updates`, a step whose loss or gradient is not
+  finite only advances the step count, and reports `skipped_updates` = 1.
   """
   schedule = optimizer.make(config.total_steps, **config.optimizer).schedule
 
   def step_fn(state: train_state.TrainState, batch: Batch):
     (total, (terms, updates)), grads = loss_and_grads(
         task, state.params, state.batch_stats, batch, state.step)
+    grad_norm = optax.tree.norm(grads)
     new_state = state.apply_gradients(
         grads=grads, batch_stats=updates.get('batch_stats', {}))
-    step_metrics = {'loss': total, **terms,
-                    'grad_norm': optax.tree.norm(grads),
+    step_metrics = {'loss': total, **terms, 'grad_norm': grad_norm,
                     'learning_rate': schedule(state.step)}
+    if config.skip_nonfinite_updates:
+      # Over the whole state, not only the optimiser's updates (as
+      # optax.apply_if_finite would): the batch statistics and the EMA of
+      # a non-finite step are not finite either.
+      finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)
+      new_state = jax.tree.map(
+          lambda new, old: jnp.where(finite, new, old), new_state,
+          state.replace(step=new_state.step))
+      step_metrics['skipped_updates'] = 1.0 - finite.astype(jnp.float32)
     return new_state, step_metrics
 
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
@@ -101,16 +115,6 @@ def make_train_step(config: ml_collections.ConfigDict, task: base.Task,
                  in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
                  out_shardings=(state_shardings, replicated),
                  donate_argnums=0)
-
-
-def _check_finite(step: int, step_metrics: Mapping[str, jax.Array]) -> None:
-  loss = float(step_metrics['loss'])
-  if not np.isfinite(loss):
-    terms = {k: float(v) for k, v in step_metrics.items()}
-    raise FloatingPointError(
-        f'Non-finite loss {loss} at step {step} (terms: {terms}); stopping. '
-        'The last checkpoint before it is intact: lower the learning rate or '
-        'check the data, then resume.')
 
 
 def _compile(train_step, state, batch: Batch, writer, step: int):
@@ -128,15 +132,37 @@ def _compile(train_step, state, batch: Batch, writer, step: int):
 class _TrainWindow:
   """Train metrics since the last log line, and their throughput."""
 
-  def __init__(self, batch_size: int):
+  def __init__(self, batch_size: int, skip_nonfinite: bool):
     self._batch_size = batch_size
+    self._skip_nonfinite = skip_nonfinite
     self.restart()
 
   def restart(self) -> None:
-    self._metrics, self._start = [], time.perf_counter()
+    self._steps, self._metrics, self._start = [], [], time.perf_counter()
 
-  def add(self, step_metrics: Mapping[str, jax.Array]) -> None:
+  def add(self, step: int, step_metrics: Mapping[str, jax.Array]) -> None:
+    self._steps.append(step)
     self._metrics.append(step_metrics)
+
+  def check_finite(self) -> None:
+    """Raises if a step of the window had a non-finite loss or gradient
+    (and `skip_nonfinite` is off). Called only where the loop logs, saves
+    or evaluates, so the host waits for the device there, not every step.
+
+    Raises:
+      FloatingPointError: naming the first such step and its loss terms.
+    """
+    if self._skip_nonfinite:
+      return
+    for step, values in zip(self._steps, jax.device_get(self._metrics)):
+      if not (np.isfinite(values['loss']) and
+              np.isfinite(values['grad_norm'])):
+        terms = {k: float(v) for k, v in values.items()}
+        raise FloatingPointError(
+            f'Non-finite loss or gradient at step {step}: {terms}. Stopping; '
+            'the latest checkpoint is from before it: lower the learning '
+            'rate or check the data, then resume (or set '
+            'config.skip_nonfinite_updates).')
 
   def write(self, writer, step: int) -> None:
     """Writes the window's means and examples/s, and starts a new one."""
@@ -144,6 +170,10 @@ class _TrainWindow:
       return
     means = jax.tree.map(lambda *x: float(np.mean(x)),
                          *jax.device_get(self._metrics))
+    if means.get('skipped_updates'):
+      logging.warning('Skipped %d non-finite updates in steps %d-%d.',
+                      round(means['skipped_updates'] * len(self._metrics)),
+                      self._steps[0], self._steps[-1])
     elapsed = time.perf_counter() - self._start
     means['examples_per_sec'] = len(self._metrics) * self._batch_size / elapsed
     means['step_time_ms'] = 1e3 * elapsed / len(self._metrics)
@@ -176,6 +206,7 @@ def _evaluate(evaluator: evaluator_lib.Evaluator, state, step: int,
   """Evaluates and logs `splits`; keeps the params if `best_split` improved."""
   scores = {}
   for split in splits:
+    logging.info('Evaluating step %d on %s.', step, split)
     scores[split], picture = evaluator.evaluate(state.eval_variables(), split)
     _log_eval(writer, step, split, scores[split], picture, workdir)
   if best_split in scores:
@@ -329,26 +360,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   saved_input = batches if config.data.checkpoint_iterator else None
 
   try:
-    pending, window = None, _TrainWindow(config.batch_size)
+    window = _TrainWindow(config.batch_size, config.skip_nonfinite_updates)
     for step in range(start_step + 1, config.total_steps + 1):
       batch = sharding.global_batch(next(batches), batch_sharding)
       if step == start_step + 1:
         train_step = _compile(train_step, state, batch, writer, step)
         window.restart()
       state, step_metrics = train_step(state, batch)
-      # Checking the previous step's loss keeps the host one step ahead.
-      if pending is not None:
-        _check_finite(*pending)
-      pending = (step, step_metrics)
-      window.add(step_metrics)
+      window.add(step, step_metrics)
       report(step)
       is_last = step == config.total_steps
       if is_last or step % config.log_every_steps == 0:
-        _check_finite(*pending)
+        window.check_finite()
         window.write(writer, step)
 
       if is_last or step % config.eval.every_steps == 0:
-        _check_finite(*pending)
+        window.check_finite()
         splits = config.eval.final_splits if is_last else config.eval.splits
         scores = _evaluate(evaluator, state, step, splits, writer, workdir,
                            best, config.eval.best_split)
@@ -358,10 +385,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         window.restart()  # Evaluation is not train time.
 
       if is_last or step % config.checkpoint_every_steps == 0:
-        _check_finite(*pending)
+        window.check_finite()
         checkpointing.save_state(latest, step, state, config, saved_input)
       elif watcher.should_stop(step, latest):
-        _check_finite(*pending)
+        window.check_finite()
         checkpointing.save_state(latest, step, state, config, saved_input)
         logging.warning('Preempted: saved step %d in %s; exiting.', step,
                         latest.directory)

@@ -15,8 +15,13 @@ import pathlib
 import pickle
 import re
 import shutil
+import signal
 import struct
+import subprocess
+import sys
+import time
 
+import ml_collections
 import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
@@ -28,6 +33,7 @@ from refseg_jax import train
 from refseg_jax.data import build
 from refseg_jax.data.refcoco import check as check_refcoco
 from refseg_jax.data import features
+from refseg_jax.data import pipeline
 from refseg_jax.data.refcoco import builder as refcoco
 from refseg_jax.data.refcoco import refer_files
 
@@ -313,6 +319,14 @@ def test_decode_mask_reads_polygons_and_both_rles():
     refer_files.decode_mask(ANNOTATIONS[201][2], width, height)
 
 
+def test_check_box_passes_a_sub_pixel_overhang_only():
+  refer_files.check_box([-0.4, 0, 40.9, 32.6], 32, 40)  # As COCO has.
+  with pytest.raises(ValueError, match='outside the 40 x 32 image'):
+    refer_files.check_box([-1.5, 0, 10, 10], 32, 40)
+  with pytest.raises(ValueError, match='is not .x, y, w, h.'):
+    refer_files.check_box([1, 2, 3], 32, 40)
+
+
 # Flaws, each a function of the refer folder that returns the start of the
 # error message.
 def _unknown_class(root):
@@ -370,28 +384,90 @@ def _unreadable_image(root):
   return f'{path} (image id 4) cannot be read'
 
 
-def _empty_polygon(root):
+def _wordless_sentence(root):
+  path = root / 'refcoco' / 'refs(unc).p'
+  refs = make_refs('refcoco', 'unc')
+  refs[-1]['sentences'][0]['sent'] = ' ?! '  # Ref 1501's only sentence.
+  _write_pickle(path, refs)
+  return (f"{path}, ref id 1501, sentence id 15010: the expression ' ?! ' "
+          'has no letter or digit')
+
+
+def _not_an_image(root):
+  path = root / refcoco.IMAGE_DIR / image_name(4)
+  path.write_text('<html>404 Not Found</html>')
+  return f'{path} (image id 4) cannot be read: cannot identify image file'
+
+
+def _tiff_image(root):
+  path = root / refcoco.IMAGE_DIR / image_name(4)
+  Image.open(path).save(path, 'TIFF')  # PIL reads it; TensorFlow does not.
+  return f'{path} (image id 4) is a TIFF image; the input pipeline decodes'
+
+
+def _set_annotation(root, ann_id, **fields):
+  """Changes annotation `ann_id` of refcoco's instances.json; its path."""
   path = root / 'refcoco' / 'instances.json'
   instances = json.loads(path.read_text())
-  instances['annotations'][5]['segmentation'] = [_rect(50, 50, 60, 60)]
+  ann, = [a for a in instances['annotations'] if a['id'] == ann_id]
+  ann.update(fields)
   path.write_text(json.dumps(instances))
+  return path
+
+
+def _empty_polygon(root):
+  path = _set_annotation(root, 401, segmentation=[_rect(50, 50, 60, 60)])
   return f'{path}, annotation id 401: the segmentation decodes to an empty'
+
+
+def _zero_area_box(root):
+  path = _set_annotation(root, 401, bbox=[10, 10, 0, 10])
+  return f'{path}, annotation id 401: bbox [10, 10, 0, 10] has no area'
+
+
+def _box_outside_image(root):
+  path = _set_annotation(root, 401, bbox=[10, 10, 35, 10])  # 40 px wide.
+  return (f'{path}, annotation id 401: bbox [10, 10, 35, 10] lies outside '
+          'the 40 x 32 image')
+
+
+# A flaw that writes this file into the refer folder builds with it.
+CLICKS_FILE = 'clicks.json'
+
+
+def _clicks_outside_image(root):
+  path = root / CLICKS_FILE
+  clicks = {str(a): {'center': [2, 2], 'top_left': [1, 1],
+                     'bottom_right': [3, 3]} for a in ANNOTATIONS}
+  clicks['401']['center'] = [45, 2]  # Image 4 is 40 px wide.
+  path.write_text(json.dumps(clicks))
+  return f'{path}, annotation id 401: clicks outside the 40 x 32 image'
 
 
 # Skippable flaws: what skip_bad counts, and the testB objects that remain.
 SKIPPABLE = {
     _ref_without_annotation: ('refs without their annotation', [401]),
+    _wordless_sentence: ('sentences without a word', [401]),
     _missing_image: ('unreadable images', [501]),
     _unreadable_image: ('unreadable images', [501]),
+    _not_an_image: ('unreadable images', [501]),
+    _tiff_image: ('unreadable images', [501]),
     _empty_polygon: ('objects with a bad mask', [501]),
+    _zero_area_box: ('objects with a bad box', [501]),
+    _box_outside_image: ('objects with a bad box', [501]),
+    _clicks_outside_image: ('objects with bad clicks', [501]),
 }
 
 
 @contextlib.contextmanager
 def _flawed(flaw, tmp_path, refer_dir):
+  """(flawed copy of refer_dir, expected message, build options)."""
   root = tmp_path / 'refer'
   shutil.copytree(refer_dir, root)
-  yield root, flaw(root)
+  message = flaw(root)
+  clicks = root / CLICKS_FILE
+  yield root, message, ({'clicks_file': str(clicks)} if clicks.exists()
+                        else {})
 
 
 @pytest.mark.parametrize('flaw', [_unknown_class, _missing_refs,
@@ -400,9 +476,9 @@ def _flawed(flaw, tmp_path, refer_dir):
 def test_bad_input_stops_the_build_naming_file_and_id(flaw, refer_dir,
                                                       tmp_path):
   data_dir = tmp_path / 'tfds'
-  with _flawed(flaw, tmp_path, refer_dir) as (root, message):
+  with _flawed(flaw, tmp_path, refer_dir) as (root, message, options):
     with pytest.raises(Exception, match=re.escape(message)):
-      build.build('refcoco/refcoco_unc', str(data_dir), str(root))
+      build.build('refcoco/refcoco_unc', str(data_dir), str(root), **options)
   assert not (root / 'pwned').exists()
   # Nothing that looks like a dataset, not even half-written shards.
   assert not tfds.builder('refcoco/refcoco_unc',
@@ -416,9 +492,9 @@ def test_skip_bad_leaves_the_flaw_out_and_counts_it(flaw, refer_dir,
                                                     tmp_path):
   kind, remaining = SKIPPABLE[flaw]
   data_dir = str(tmp_path / 'tfds')
-  with _flawed(flaw, tmp_path, refer_dir) as (root, _):
+  with _flawed(flaw, tmp_path, refer_dir) as (root, _, options):
     builder = build.build('refcoco/refcoco_unc', data_dir, str(root),
-                          skip_bad=True)
+                          skip_bad=True, **options)
   # Reloaded from disk: the metadata records what was skipped.
   builder = tfds.builder('refcoco/refcoco_unc', data_dir=data_dir)
   assert builder.info.metadata['skipped'] == {kind: 1}
@@ -431,6 +507,68 @@ def test_unbuilt_manual_dataset_error_gives_the_build_command(tmp_path):
   with pytest.raises(FileNotFoundError,
                      match='--dataset=refcoco/refcoco_unc --manual_dir=DIR'):
     build.build('refcoco/refcoco_unc', str(tmp_path))
+
+
+# Builds refcoco_unc (argv: data dir, refer dir, marker) and hangs before
+# reading image 5, testB's last: train, val and testA are written by then.
+_HANGING_BUILD = """
+import pathlib, sys, time
+from refseg_jax.data import build
+from refseg_jax.data.refcoco import builder
+
+read_image = builder.read_image
+
+def read_or_hang(path, image):
+  if image['id'] == 5:
+    pathlib.Path(sys.argv[3]).touch()
+    time.sleep(600)
+  return read_image(path, image)
+
+builder.read_image = read_or_hang
+build.build('refcoco/refcoco_unc', sys.argv[1], sys.argv[2])
+"""
+
+
+def _tfrecords(folder) -> dict[str, bytes]:
+  """{name: bytes} of the TFRecord shards anywhere under `folder`."""
+  return {p.name: p.read_bytes()
+          for p in pathlib.Path(folder).rglob('*.tfrecord*')}
+
+
+def test_build_killed_half_way_is_refused_then_rebuilt_whole(
+    refer_dir, data_dir, tmp_path):
+  name, killed_dir = 'refcoco/refcoco_unc', tmp_path / 'tfds'
+  marker = tmp_path / 'hanging'
+  process = subprocess.Popen([sys.executable, '-c', _HANGING_BUILD,
+                              str(killed_dir), str(refer_dir), str(marker)])
+  try:
+    deadline = time.monotonic() + 300
+    while not marker.exists():
+      assert process.poll() is None, 'the build ended before the kill'
+      assert time.monotonic() < deadline, 'the build never got half-way'
+      time.sleep(0.1)
+  finally:
+    process.kill()  # SIGKILL: no cleanup runs.
+    process.wait()
+  assert process.returncode == -signal.SIGKILL
+  # Half a dataset on disk: three splits of four written.
+  assert sorted(n.split('.')[0] for n in _tfrecords(killed_dir)) == [
+      'refcoco-testA', 'refcoco-train', 'refcoco-val']
+  # Readers refuse it, saying how to build it.
+  assert not tfds.builder(name, data_dir=str(killed_dir)).is_prepared()
+  config = ml_collections.ConfigDict({'name': name,
+                                      'data_dir': str(killed_dir)})
+  with pytest.raises(FileNotFoundError, match=re.escape(
+      f'Dataset {name} is not built in {killed_dir}/refcoco/refcoco_unc/'
+      f'{refcoco.Refcoco.VERSION}: run python -m refseg_jax.data.build')):
+    pipeline.prepared_builder(config)
+  with pytest.raises(FileNotFoundError, match='--manual_dir=DIR'):
+    build.build(name, str(killed_dir))
+  # The next build makes the whole dataset, record for record.
+  builder = build.build(name, str(killed_dir), str(refer_dir))
+  whole = tfds.builder(name, data_dir=data_dir)
+  assert _tfrecords(builder.data_path) == _tfrecords(whole.data_path)
+  assert len(_tfrecords(builder.data_path)) == 4  # One shard a split.
 
 
 def test_check_flags_every_mismatch(data_dir, capsys):

@@ -20,6 +20,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+import tensorflow as tf
 
 from refseg_jax import config_lib
 from refseg_jax import results as results_lib
@@ -296,13 +297,55 @@ def test_sigterm_saves_a_restorable_checkpoint_and_exits(tmp_path,
   assert step == last
 
 
-def test_non_finite_loss_stops_naming_the_step(train_config, tmp_path,
-                                               monkeypatch):
-  # NaN boxes in the data (the tiny run's own train step, compiled once).
+def _nan_boxes_at_step(monkeypatch, step: int) -> None:
+  """Makes the boxes of the training batch of `step` (1-based) NaN."""
   original = pipeline.train_dataset
-  monkeypatch.setattr(pipeline, 'train_dataset', lambda *args, **kwargs: (
-      original(*args, **kwargs).map(
-          lambda batch: dict(batch, box=batch['box'] * float('nan')))))
-  with pytest.raises(FloatingPointError, match='loss nan at step 1'):
-    train.train_and_evaluate(train_config, str(tmp_path))
-  assert not (tmp_path / 'checkpoints' / '4').exists()
+
+  def poisoned(*args, **kwargs):
+    return original(*args, **kwargs).enumerate(start=1).map(
+        lambda i, batch: dict(batch, box=tf.where(
+            i == step, batch['box'] * float('nan'), batch['box'])))
+
+  monkeypatch.setattr(pipeline, 'train_dataset', poisoned)
+
+
+def _saved_state(workdir: pathlib.Path, step: int):
+  with ocp.CheckpointManager(workdir / 'checkpoints') as manager:
+    return manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore())).state
+
+
+# Checkpoints every step, so that a step's update shows in its checkpoint
+# (the tiny run's 8 steps: its train step is in the compilation cache).
+EVERY_STEP = {'checkpoint_every_steps': 1, 'keep_checkpoints': 8}
+
+
+def test_non_finite_loss_stops_naming_the_step(tiny_data_dir, tmp_path,
+                                               monkeypatch):
+  _nan_boxes_at_step(monkeypatch, 2)
+  config = tiny_train_config(tiny_data_dir, **EVERY_STEP)
+  with pytest.raises(FloatingPointError,
+                     match=r'Non-finite loss or gradient at step 2: .*box'):
+    train.train_and_evaluate(config, str(tmp_path))
+  # The last good checkpoint stays the latest.
+  with ocp.CheckpointManager(tmp_path / 'checkpoints') as manager:
+    assert manager.all_steps() == [1]
+
+
+def test_non_finite_update_can_be_skipped(tiny_data_dir, tmp_path,
+                                          monkeypatch):
+  _nan_boxes_at_step(monkeypatch, 2)
+  config = tiny_train_config(tiny_data_dir, skip_nonfinite_updates=True,
+                             **EVERY_STEP)
+  train.train_and_evaluate(config, str(tmp_path))
+  before, skipped, after = (_saved_state(tmp_path, step) for step in (1, 2, 3))
+  assert (int(before['step']), int(skipped['step'])) == (1, 2)
+  # Step 2 changed nothing but the step count; step 3 trained on.
+  for name in ('params', 'opt_state', 'batch_stats', 'ema_params'):
+    jax.tree.map(np.testing.assert_array_equal, skipped[name], before[name])
+  changed = jax.tree.map(lambda a, b: not np.array_equal(a, b),
+                         after['params'], skipped['params'])
+  assert any(jax.tree.leaves(changed))
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(after['params']))
+  results = json.loads((tmp_path / 'results.json').read_text())
+  assert results['step'] == 8

@@ -19,13 +19,17 @@ clicks JSON file (`clicks_file`, format in `refer_files.load_clicks`).
 
 Bad input stops the build with an error naming the file and the id: a
 missing file, a refs pickle that holds anything but plain data, a ref whose
-annotation (or image) is missing from instances.json, an image that cannot
-be read or has another size than instances.json says, a segmentation that
-decodes to an empty mask, an annotation without clicks in the clicks file.
-With `skip_bad`, the flawed refs, images and objects are left out with a
-warning each and counted in the dataset's metadata (`skipped`) instead.
+annotation (or image) is missing from instances.json, a sentence without a
+word, an image that cannot be read, is in a format TensorFlow does not
+decode or has another size than instances.json says, a segmentation that
+decodes to an empty mask, a box without area or outside the image, an
+annotation without clicks in the clicks file or with clicks outside the
+image. With `skip_bad`, the flawed refs, sentences, images and objects are
+left out with a warning each and counted in the dataset's metadata
+(`skipped`) instead.
 TFDS writes into a temporary folder and renames it only on success, so a
-failed build leaves no dataset that looks complete.
+failed build leaves no dataset that looks complete, and a killed one only
+that folder, which no reader opens; the next build starts afresh.
 """
 
 from __future__ import annotations
@@ -46,6 +50,10 @@ from refseg_jax.data import features as features_lib
 from refseg_jax.data.refcoco import refer_files
 
 IMAGE_DIR = 'images/mscoco/images/train2014'
+# The image formats (PIL's names) that every TensorFlow 2's decode_image
+# reads (recent ones read WebP too): the input pipeline decodes the stored
+# bytes with it.
+_DECODABLE_FORMATS = ('JPEG', 'PNG', 'GIF', 'BMP')
 
 _MANUAL_DOWNLOAD_INSTRUCTIONS = """\
 Pass the `refer` toolkit's data folder (github.com/lichengunc/refer, its
@@ -142,7 +150,8 @@ def index_refs(refs: list[dict], images: dict, annotations: dict,
     refs_path: the refs file, for messages.
     instances_path: instances.json, for messages.
     on_bad: called with the error of a ref whose annotation or image is
-      missing (it raises it, or counts it and the ref is left out).
+      missing, or of a sentence without a word (it raises it, or counts it
+      and the ref or sentence is left out).
 
   Raises:
     ValueError: a ref carries a split name the config does not know.
@@ -164,27 +173,59 @@ def index_refs(refs: list[dict], images: dict, annotations: dict,
           'refs without their annotation',
           f'{where}: image id {ann["image_id"]} is not in {instances_path}.'))
     else:
-      objects = index.setdefault(ref['split'], {}).setdefault(
-          ref['image_id'], {})
-      objects.setdefault(ref['ann_id'], []).append(ref)
+      sentences = worded_sentences(ref, where, on_bad)
+      if sentences:  # A ref left without an expression refers to nothing.
+        objects = index.setdefault(ref['split'], {}).setdefault(
+            ref['image_id'], {})
+        objects.setdefault(ref['ann_id'], []).append(
+            dict(ref, sentences=sentences))
   return index
+
+
+def worded_sentences(ref: dict, where: str,
+                     on_bad: Callable[[refer_files.BadInputError], None]
+                     ) -> list[dict]:
+  """The ref's sentences with a letter or digit; `on_bad` gets the others.
+
+  The tokenizer is chosen at training time, not here; but any WordPiece
+  tokenizer makes a token of a letter or digit ([UNK] at worst), and a
+  sentence without one (empty, spaces, punctuation, which the refer
+  toolkit's `sent` has stripped) gives an expression that says nothing.
+  """
+  kept = []
+  for sentence in ref['sentences']:
+    if any(char.isalnum() for char in sentence['sent']):
+      kept.append(sentence)
+    else:
+      on_bad(refer_files.BadInputError(
+          'sentences without a word',
+          f'{where}, sentence id {sentence["sent_id"]}: the expression '
+          f'{sentence["sent"]!r} has no letter or digit; it tokenises to '
+          'nothing.'))
+  return kept
 
 
 def read_image(path: epath.Path, image: dict) -> bytes:
   """The file's bytes, once they decode at the size instances.json gives.
 
   Raises:
-    refer_files.BadInputError: missing, unreadable or of another size.
+    refer_files.BadInputError: missing, unreadable, in a format TensorFlow
+      does not decode, or of another size.
   """
   try:
     data = path.read_bytes()
     with Image.open(io.BytesIO(data)) as pil:
       pil.load()  # Decodes all of it: a truncated file fails here.
-      size = pil.size
-  except OSError as error:
+      size, image_format = pil.size, pil.format
+  except OSError as error:  # Missing, truncated, or not an image at all.
     raise refer_files.BadInputError(
         'unreadable images',
         f'{path} (image id {image["id"]}) cannot be read: {error}') from error
+  if image_format not in _DECODABLE_FORMATS:
+    raise refer_files.BadInputError(
+        'unreadable images',
+        f'{path} (image id {image["id"]}) is a {image_format} image; the '
+        f'input pipeline decodes only {", ".join(_DECODABLE_FORMATS)}.')
   if size != (image['width'], image['height']):
     raise refer_files.BadInputError(
         'unreadable images',
@@ -214,11 +255,19 @@ def make_object(ann: dict, refs: list[dict], image: dict, category: str,
     clicks_path: the clicks file, for messages.
 
   Raises:
-    refer_files.BadInputError: an empty or malformed mask, missing clicks or
-      clicks outside the image.
+    refer_files.BadInputError: a box without area or outside the image,
+      an empty or malformed mask, missing clicks or clicks outside the
+      image.
   """
   height, width = image['height'], image['width']
   where = f'{instances_path}, annotation id {ann["id"]}'
+  try:
+    # The stored box is the mask's; a broken COCO box still shows a broken
+    # annotation.
+    refer_files.check_box(ann.get('bbox'), height, width)
+  except ValueError as error:
+    raise refer_files.BadInputError(
+        'objects with a bad box', f'{where}: {error}') from error
   try:
     mask = refer_files.decode_mask(ann['segmentation'], height, width)
   except (ValueError, KeyError, TypeError) as error:
@@ -240,9 +289,8 @@ def make_object(ann: dict, refs: list[dict], image: dict, category: str,
     if not ((object_clicks >= 0) & (object_clicks <= 1)).all():
       raise refer_files.BadInputError(
           'objects with bad clicks',
-          f'{clicks_path}, annotation id {ann["id"]}: clicks '
-          f'{clicks[ann["id"]].tolist()} lie outside the {width} x {height} '
-          'image.')
+          f'{clicks_path}, annotation id {ann["id"]}: clicks outside the '
+          f'{width} x {height} image: {clicks[ann["id"]].tolist()}.')
   return {
       'id': ann['id'],
       'box': tfds.features.BBox(*box),

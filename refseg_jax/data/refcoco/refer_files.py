@@ -5,7 +5,8 @@
                         and scalars (`load_refs`);
     instances.json      COCO images, annotations and categories
                         (`load_instances`); segmentations decode to masks
-                        through pycocotools (`decode_mask`);
+                        through pycocotools (`decode_mask`), boxes must
+                        have an area and lie in the image (`check_box`);
     clicks JSON         optional annotator clicks per annotation id
                         (`load_clicks`, format in docs/refcoco.md).
 
@@ -25,6 +26,8 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 CLICK_KEYS = ('center', 'top_left', 'bottom_right')
+# How far (pixels) a COCO box may overhang its image (`check_box`).
+BOX_TOLERANCE = 1.0
 # Fields the builder reads from each ref and each of its sentences.
 _REF_FIELDS = {'ref_id': int, 'ann_id': int, 'image_id': int, 'split': str,
                'sentences': list}
@@ -168,11 +171,35 @@ def decode_mask(segmentation: Any, height: int, width: int) -> np.ndarray:
   return mask_utils.decode(rle)
 
 
+def _is_numbers(value: Any, count: int) -> bool:
+  """Whether `value` is a JSON list of `count` finite numbers."""
+  return (isinstance(value, list) and len(value) == count and
+          all(isinstance(v, (int, float)) and not isinstance(v, bool) and
+              math.isfinite(v) for v in value))
+
+
+def check_box(bbox: Any, height: int, width: int) -> None:
+  """Raises ValueError unless the COCO `bbox` [x, y, w, h] has an area and
+  lies in the height x width image.
+
+  COCO boxes are the extent of float polygons, and may overhang the image
+  by a fraction of a pixel; up to `BOX_TOLERANCE` pixels pass.
+  """
+  if not _is_numbers(bbox, 4):
+    raise ValueError(f'bbox {bbox!r} is not [x, y, w, h], four finite '
+                     'numbers.')
+  x, y, w, h = bbox
+  if w <= 0 or h <= 0:
+    raise ValueError(f'bbox {bbox} has no area.')
+  if (min(x, y) < -BOX_TOLERANCE or x + w > width + BOX_TOLERANCE or
+      y + h > height + BOX_TOLERANCE):
+    raise ValueError(f'bbox {bbox} lies outside the {width} x {height} image '
+                     f'(by more than {BOX_TOLERANCE} pixel).')
+
+
 def _point(value: Any) -> tuple[float, float]:
   """(x, y) of a JSON [x, y] pair of finite numbers, else ValueError."""
-  if (not isinstance(value, list) or len(value) != 2 or
-      not all(isinstance(v, (int, float)) and not isinstance(v, bool) and
-              math.isfinite(v) for v in value)):
+  if not _is_numbers(value, 2):
     raise ValueError(f'{value!r} is not an [x, y] pair of finite numbers.')
   return float(value[0]), float(value[1])
 

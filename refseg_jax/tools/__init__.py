@@ -1,0 +1,1 @@
+"""Tools: commands that check a run's guarantees rather than train."""
