@@ -18,6 +18,7 @@ hosts) asks the loop to save the current step and stop.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import signal
 import threading
@@ -135,7 +136,24 @@ def restore_state(manager: ocp.CheckpointManager, step: int,
       _abstract(state_shapes, state_shardings))}
   if iterator is not None:
     items['data'] = InputPositionRestore(iterator)
-  return manager.restore(step, args=ocp.args.Composite(**items)).state
+  with _reading(manager, step):
+    return manager.restore(step, args=ocp.args.Composite(**items)).state
+
+
+@contextlib.contextmanager
+def _reading(manager: ocp.CheckpointManager, step: int):
+  """Re-raises a failure to read checkpoint `step` naming its directory and
+  what the user can do (orbax's own error names a file deep inside it)."""
+  try:
+    yield
+  except (ValueError, OSError) as error:
+    others = sorted(set(manager.all_steps()) - {step})
+    reason = str(error).split('[tensorstore_spec')[0].strip()
+    raise ValueError(
+        f'Checkpoint {_step_dir(manager, step)} cannot be read; it is '
+        f'corrupt or incomplete ({reason[:400]}). Delete it to use '
+        f'another step of {manager.directory} ({others or "none left"}), or '
+        'start a new --workdir.') from error
 
 
 def _best_mIoU(metrics: Mapping[str, float]) -> float:
@@ -192,9 +210,10 @@ def restore_variables(workdir: epath.Path, checkpoint: str, state: Any,
         step = best.best_step()
         if step is None:  # Unscored: the variables `convert --workdir` wrote.
           step = best.latest_step()
-        variables = best.restore(step, args=ocp.args.StandardRestore(
-            _abstract(state.eval_variables(),
-                      state_shardings.eval_variables())))
+        with _reading(best, step):
+          variables = best.restore(step, args=ocp.args.StandardRestore(
+              _abstract(state.eval_variables(),
+                        state_shardings.eval_variables())))
       return variables, 'best', step
     logging.warning('%s has no best checkpoint (it is written at '
                     'evaluations); using the latest train state.', workdir)

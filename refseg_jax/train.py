@@ -216,6 +216,23 @@ def _evaluate(evaluator: evaluator_lib.Evaluator, state, step: int,
 
 # --------------------------------------------------------------------- loop
 
+def _check_writable(workdir: epath.Path) -> None:
+  """Makes `workdir` and writes a file there: a workdir that cannot be
+  written fails now, not after the data, the compilation and the first
+  checkpoint interval.
+
+  Raises:
+    OSError: naming the workdir.
+  """
+  probe = workdir / f'.write_test.process_{jax.process_index()}'
+  try:
+    workdir.mkdir(parents=True, exist_ok=True)
+    probe.write_text('')
+    probe.unlink()
+  except OSError as error:
+    raise OSError(f'Cannot write to the workdir {workdir}: {error}') from error
+
+
 def resolve_total_steps(config: ml_collections.ConfigDict,
                         num_train_expressions: int) -> int:
   """The run's length in steps: `config.total_steps`, or from its epochs.
@@ -311,7 +328,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     The final (or, after SIGTERM, the last saved) train state.
   """
   workdir = epath.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
+  _check_writable(workdir)
   if config.data.prepare:
     build.build_on_first_host(config.data.name, config.data.data_dir)
   if config.get('total_epochs') is not None:

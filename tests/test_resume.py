@@ -1,6 +1,7 @@
 """Resuming that can be trusted: the input position, the mesh, the config.
 
-(Kill-and-resume end to end, bit for bit, is in test_train.py.)
+(Kill-and-resume end to end, bit for bit, is in test_train.py and
+test_soak.py.)
 """
 
 import jax
@@ -145,3 +146,24 @@ def test_a_checkpoint_without_its_config_is_not_resumed(tiny_data_dir,
         state=ocp.args.StandardSave(state)))
   with pytest.raises(ValueError, match=r'checkpoints/2 holds no config'):
     train.train_and_evaluate(tiny_train_config(tiny_data_dir), str(tmp_path))
+
+
+def test_a_corrupt_checkpoint_step_is_refused_by_name(tmp_path):
+  state, shardings = _tiny_state()
+  with ocp.CheckpointManager(tmp_path / 'checkpoints') as manager:
+    for step in (2, 4):
+      manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state)))
+  # Half of every array file of step 4, as a full disk might leave it.
+  for path in (tmp_path / 'checkpoints' / '4' / 'state' / 'd').iterdir():
+    path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+  before = sorted(p for p in tmp_path.rglob('*'))
+  with ocp.CheckpointManager(tmp_path / 'checkpoints') as manager:
+    with pytest.raises(ValueError, match=(
+        r'Checkpoint .*checkpoints/4 cannot be read; it is corrupt.*'
+        r'Delete it to use another step of .*\(\[2\]\)')):
+      checkpointing.restore_state(manager, 4, state, shardings)
+    # The other step is intact and nothing was written or removed.
+    restored = checkpointing.restore_state(manager, 2, state, shardings)
+  np.testing.assert_array_equal(restored['x'], state['x'])
+  assert sorted(p for p in tmp_path.rglob('*')) == before

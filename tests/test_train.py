@@ -94,6 +94,24 @@ def test_unknown_variant_or_key_is_a_clear_error(tiny_data_dir, tmp_path):
   assert result.returncode != 0
   assert 'Did you mean "total_steps" instead of "totl_steps"' in result.stderr
   assert not (tmp_path / 'checkpoints').exists()
+  # A value of the wrong type, in Python and on the command line.
+  with pytest.raises(TypeError, match='total_steps'):
+    config.total_steps = 'three'
+  result = subprocess.run(
+      _main_command(tmp_path, tiny_data_dir, '--config.total_steps=three'),
+      capture_output=True, text=True, env=subprocess_env(), check=False)
+  assert result.returncode != 0
+  assert "config.total_steps" in result.stderr and 'three' in result.stderr
+  assert not list(tmp_path.iterdir())
+
+
+def test_a_workdir_that_cannot_be_written_fails_first(train_config, tmp_path):
+  blocker = tmp_path / 'a_file'
+  blocker.write_text('')
+  workdir = blocker / 'workdir'
+  with pytest.raises(OSError, match=f'Cannot write to the workdir {workdir}'):
+    train.train_and_evaluate(train_config, str(workdir))
+  assert blocker.read_text() == '' and list(tmp_path.iterdir()) == [blocker]
 
 
 @pytest.fixture(scope='module')
