@@ -16,8 +16,9 @@ mean of BERT's token states, and the expression gathers slots by slot
 matching, leaving out slots that cover over 20 % of the image
 (docs/results.md compares these with the official ViT features, [CLS] and
 fusion layer). Measured on a 2-core CPU (2026-12-04), mean ± std over
-seeds 0, 1, 2 (the supervision benchmark, docs/results.md): validation
-mIoU 29.97 ± 0.73, PointM 41.37 ± 1.42 (seeds 30.79, 29.41, 29.71 mIoU),
+seeds 0-5 (the supervision benchmark, docs/results.md): validation
+mIoU 30.00 ± 0.62, PointM 41.61 ± 1.06 (seeds 30.79, 29.41, 29.71,
+30.63, 29.33, 30.15 mIoU),
 against 30.01 ± 0.32 and 41.75 ± 0.28 before SaG became the official
 function (issue 21; with every official layer option, 24.52 ± 5.16).
 

@@ -106,14 +106,21 @@ def committed_steps(workdir: epath.Path) -> list[int]:
   return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
 
 
-def _saving(workdir: epath.Path) -> int | None:
-  """The step whose checkpoint is being written, if one is."""
+def _temporary_checkpoints(workdir: epath.Path) -> set[str]:
+  """The names of `workdir`'s checkpoints being written (or left half-done
+  by a killed process, until the next one's checkpoint manager removes
+  them: each save's temporary directory has a name of its own)."""
   directory = workdir / 'checkpoints'
   if not directory.exists():
-    return None
-  for path in directory.iterdir():
-    if _TMP_MARK in path.name:
-      return int(path.name.split('.')[0])
+    return set()
+  return {p.name for p in directory.iterdir() if _TMP_MARK in p.name}
+
+
+def _saving(workdir: epath.Path, stale: set[str]) -> int | None:
+  """The step whose checkpoint is being written now, if one is (`stale`:
+  the temporary directories that were there before)."""
+  for name in sorted(_temporary_checkpoints(workdir) - stale):
+    return int(name.split('.')[0])
   return None
 
 
@@ -125,11 +132,11 @@ def temporary_paths(workdir: epath.Path) -> list[str]:
 
 
 def _triggered(kind: str, random_step: int, output: _Output,
-               workdir: epath.Path) -> bool:
+               workdir: epath.Path, stale: set[str]) -> bool:
   if kind == 'random':
     return output.reached >= random_step
   if kind == 'checkpoint':
-    return _saving(workdir) is not None
+    return _saving(workdir, stale) is not None
   return output.evaluating.is_set()
 
 
@@ -143,13 +150,14 @@ def live(command: Sequence[str], workdir: epath.Path, log: epath.Path,
     TimeoutError: it neither ended nor was killed within `timeout` s.
   """
   life = Life(index, kind)
+  stale = _temporary_checkpoints(workdir)  # Left by the process before.
   start = time.monotonic()
   process = subprocess.Popen(command, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True)
   output = _Output(process, log)
   while process.poll() is None:
-    if kind and _triggered(kind, random_step, output, workdir):
-      life.saving_at_kill = _saving(workdir)
+    if kind and _triggered(kind, random_step, output, workdir, stale):
+      life.saving_at_kill = _saving(workdir, stale)
       process.send_signal(signal.SIGKILL)
       life.killed = True
       break
