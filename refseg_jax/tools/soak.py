@@ -107,9 +107,10 @@ def committed_steps(workdir: epath.Path) -> list[int]:
 
 
 def _temporary_checkpoints(workdir: epath.Path) -> set[str]:
-  """The names of `workdir`'s checkpoints being written (or left half-done
-  by a killed process, until the next one's checkpoint manager removes
-  them: each save's temporary directory has a name of its own)."""
+  """The names of `workdir`'s checkpoints being written, or left half-done
+  by a killed process until the next one's checkpoint manager removes them
+  (orbax names them after their step only: `<step>.orbax-checkpoint-tmp`).
+  """
   directory = workdir / 'checkpoints'
   if not directory.exists():
     return set()
@@ -117,9 +118,17 @@ def _temporary_checkpoints(workdir: epath.Path) -> set[str]:
 
 
 def _saving(workdir: epath.Path, stale: set[str]) -> int | None:
-  """The step whose checkpoint is being written now, if one is (`stale`:
-  the temporary directories that were there before)."""
-  for name in sorted(_temporary_checkpoints(workdir) - stale):
+  """The step whose checkpoint is being written now, if one is.
+
+  Args:
+    workdir: the run's workdir.
+    stale: the temporary directories a killed process left that are still
+      there; updated: one that is gone is dropped, so that the same name
+      made again by this process counts.
+  """
+  present = _temporary_checkpoints(workdir)
+  stale &= present
+  for name in sorted(present - stale):
     return int(name.split('.')[0])
   return None
 
@@ -132,11 +141,11 @@ def temporary_paths(workdir: epath.Path) -> list[str]:
 
 
 def _triggered(kind: str, random_step: int, output: _Output,
-               workdir: epath.Path, stale: set[str]) -> bool:
+               saving: int | None) -> bool:
   if kind == 'random':
     return output.reached >= random_step
   if kind == 'checkpoint':
-    return _saving(workdir, stale) is not None
+    return saving is not None
   return output.evaluating.is_set()
 
 
@@ -156,8 +165,9 @@ def live(command: Sequence[str], workdir: epath.Path, log: epath.Path,
                              stderr=subprocess.STDOUT, text=True)
   output = _Output(process, log)
   while process.poll() is None:
-    if kind and _triggered(kind, random_step, output, workdir, stale):
-      life.saving_at_kill = _saving(workdir, stale)
+    saving = _saving(workdir, stale)  # Polled, to see stale ones go.
+    if kind and _triggered(kind, random_step, output, saving):
+      life.saving_at_kill = saving
       process.send_signal(signal.SIGKILL)
       life.killed = True
       break
