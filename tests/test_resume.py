@@ -1,7 +1,6 @@
 """Resuming that can be trusted: the input position, the mesh, the config.
 
-(Kill-and-resume end to end, bit for bit, is in test_train.py and
-test_soak.py.)
+(Kill-and-resume end to end, bit for bit, is in test_soak.py.)
 """
 
 import jax
@@ -69,9 +68,12 @@ def test_a_restored_input_position_yields_the_uninterrupted_batches(
 
 
 def test_resume_on_another_mesh_restores_the_same_state(tiny_data_dir,
-                                                        tmp_path):
-  """Saved from 8 devices with FSDP, restored onto 4 devices, data
-  parallel: the same values, in the new mesh's shardings."""
+                                                        tmp_path,
+                                                        monkeypatch):
+  """Saved from 8 devices with FSDP, resumed onto 4 devices, data
+  parallel: the same values, in the new mesh's shardings, read straight
+  from the checkpoint (neither initialised nor read from pretrained
+  weights first)."""
   config = tiny_train_config(tiny_data_dir)
   config.mesh = [('data', 4), ('fsdp', 2)]
   config.fsdp_axis, config.fsdp_min_size = 'fsdp', 1024
@@ -90,9 +92,15 @@ def test_resume_on_another_mesh_restores_the_same_state(tiny_data_dir,
 
   config.mesh, config.fsdp_axis = [('data', 4)], ''
   mesh = sharding.make_mesh(config.mesh, jax.devices()[:4])
-  shapes, shardings = train_state.shapes_and_shardings(config, task, mesh)
+
+  def must_not_initialise(*args, **kwargs):
+    raise AssertionError('A resumed run initialised the train state.')
+
+  monkeypatch.setattr(train_state, 'create', must_not_initialise)
   with ocp.CheckpointManager(tmp_path / 'checkpoints') as manager:
-    restored = checkpointing.restore_state(manager, 5, shapes, shardings)
+    # pylint: disable-next=protected-access
+    restored, shardings, _ = train._start_or_resume(
+        config, task, mesh, manager, accept_config_changes=())
   for name in ('step', 'params', 'opt_state', 'batch_stats'):
     jax.tree.map(np.testing.assert_array_equal,
                  jax.device_get(getattr(restored, name)),

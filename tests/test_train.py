@@ -262,40 +262,6 @@ def test_run_writes_results_overlays_and_best(tiny_full_run):
   assert step == 8
 
 
-def test_kill_and_resume_equals_uninterrupted(tiny_full_run, tmp_path,
-                                              train_config, monkeypatch):
-  """8 steps = 4 steps + SIGKILL + resume from the step-4 checkpoint +
-  4 steps, bit for bit (same data order, dropout keys and optimizer
-  state). The resumed run reads the state straight from the checkpoint: it
-  neither initialises nor reads pretrained weights again."""
-  workdir = tmp_path / 'interrupted'
-  # The data dir the shared run read (another xdist worker's, maybe): the
-  # config, and so results.json's provenance, must be the same.
-  data_dir = json.loads((tiny_full_run / 'config.json').read_text())[
-      'data']['data_dir']
-  process = _start_main_until_checkpoint(
-      workdir, data_dir, 4, '--config.total_steps=8')
-  process.kill()
-  process.wait()
-  assert not (workdir / 'checkpoints' / '8').exists()
-  assert not (workdir / 'results.json').exists()
-  config = train_config.copy_and_resolve_references()
-  config.total_steps = 8
-  config.data.data_dir = data_dir
-
-  def must_not_initialise(*args, **kwargs):
-    raise AssertionError('A resumed run initialised the train state.')
-
-  monkeypatch.setattr(train_state, 'create', must_not_initialise)
-  train.train_and_evaluate(config, str(workdir))
-  resumed, step = _restore_params(workdir, 8)
-  expected, _ = _restore_params(tiny_full_run, 8)
-  assert step == 8
-  jax.tree.map(np.testing.assert_array_equal, resumed, expected)
-  assert (json.loads((workdir / 'results.json').read_text())
-          == json.loads((tiny_full_run / 'results.json').read_text()))
-
-
 def test_sigterm_saves_a_restorable_checkpoint_and_exits(tmp_path,
                                                          train_config):
   workdir = tmp_path / 'preempted'
