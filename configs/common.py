@@ -44,14 +44,17 @@ DATA_VARIANTS: dict[str, dict[str, Any]] = {
 PKS_MODEL_VARIANTS: dict[str, dict[str, Any]] = {
     'tiny': dict(resnet_preset='tiny', bert_preset='tiny', dim=32,
                  text_dropout=0.0),
-    # Scanned, rematerialised ResNet and BERT blocks: r101's batch of 32
-    # at 480 px plans 23.6 GB instead of 31.7 GB (float32, this CPU;
-    # docs/training.md).
+    # Neither scanned nor rematerialised: on this CPU the scanned ResNet
+    # stages made r50's step 6.4x slower (480 px, batch 8: 131 s against
+    # 20.6 s), and remat alone saved no memory and cost 15 %. Both
+    # together are what fits r101's batch of 32 at 480 px in 24 GB (23.6
+    # instead of 31.7 GB of arguments and temporaries, float32):
+    # --config.model.scan_layers=True
+    # --config.model.remat=nothing_saveable (docs/training.md).
     'r50': dict(resnet_preset='resnet50', bert_preset='base', dim=256,
-                dtype='bfloat16', scan_layers=True, remat='nothing_saveable'),
+                dtype='bfloat16'),
     'r101': dict(resnet_preset='resnet101', bert_preset='base', dim=256,
-                 dtype='bfloat16', scan_layers=True,
-                 remat='nothing_saveable'),
+                 dtype='bfloat16'),
 }
 
 
