@@ -150,10 +150,10 @@ def _reading(manager: ocp.CheckpointManager, step: int):
     others = sorted(set(manager.all_steps()) - {step})
     reason = str(error).split('[tensorstore_spec')[0].strip()
     raise ValueError(
-        f'Checkpoint {_step_dir(manager, step)} cannot be read; it is '
-        f'corrupt or incomplete ({reason[:400]}). Delete it to use '
-        f'another step of {manager.directory} ({others or "none left"}), or '
-        'start a new --workdir.') from error
+        f'Checkpoint {_step_dir(manager, step)} cannot be read: corrupt, '
+        f'incomplete, or not this model\'s state ({reason[:400]}). If it is '
+        f'damaged, delete it to use another step of {manager.directory} '
+        f'({others or "none left"}), or start a new --workdir.') from error
 
 
 def _best_mIoU(metrics: Mapping[str, float]) -> float:

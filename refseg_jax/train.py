@@ -139,6 +139,7 @@ class _TrainWindow:
 
   def restart(self) -> None:
     self._steps, self._metrics, self._start = [], [], time.perf_counter()
+    self._checked = 0  # Steps of the window already checked.
 
   def add(self, step: int, step_metrics: Mapping[str, jax.Array]) -> None:
     self._steps.append(step)
@@ -154,7 +155,10 @@ class _TrainWindow:
     """
     if self._skip_nonfinite:
       return
-    for step, values in zip(self._steps, jax.device_get(self._metrics)):
+    new = slice(self._checked, None)
+    self._checked = len(self._metrics)
+    for step, values in zip(self._steps[new],
+                            jax.device_get(self._metrics[new])):
       if not (np.isfinite(values['loss']) and
               np.isfinite(values['grad_norm'])):
         terms = {k: float(v) for k, v in values.items()}

@@ -168,8 +168,8 @@ def test_a_corrupt_checkpoint_step_is_refused_by_name(tmp_path):
   before = sorted(p for p in tmp_path.rglob('*'))
   with ocp.CheckpointManager(tmp_path / 'checkpoints') as manager:
     with pytest.raises(ValueError, match=(
-        r'Checkpoint .*checkpoints/4 cannot be read; it is corrupt.*'
-        r'Delete it to use another step of .*\(\[2\]\)')):
+        r'Checkpoint .*checkpoints/4 cannot be read: corrupt, incomplete.*'
+        r'delete it to use another step of .*\(\[2\]\)')):
       checkpointing.restore_state(manager, 4, state, shardings)
     # The other step is intact and nothing was written or removed.
     restored = checkpointing.restore_state(manager, 2, state, shardings)
