@@ -92,10 +92,13 @@ def data_config(variant: str) -> ml_collections.ConfigDict:
       # expressions and trained worse).
       expressions_per_image=2,
       flip=True,                  # Train-time horizontal flip.
-      # Click supervision only: annotator noise on the training clicks, the
-      # standard deviation of each click's shift as a fraction of the box's
-      # height (y) and width (x); 0 = the exact clicks.
+      # Click (and mixed) supervision only: annotator noise on the training
+      # clicks, the standard deviation of each click's shift as a fraction
+      # of the box's height (y) and width (x); 0 = the exact clicks.
       click_noise=0.0,
+      # And the probability that the centre click misses: it lands anywhere
+      # in the box, uniformly (`pipeline.click_labels`).
+      click_miss=0.0,
   ))
   config.update(config_lib.choose(DATA_VARIANTS, variant, 'data'))
   return config
@@ -194,11 +197,12 @@ def default_args(variants: dict[str, tuple[str, ...]]) -> dict[str, str]:
   return {key: names[0] for key, names in variants.items()}
 
 
-def pks_training(arg: str | None, task: str
+def pks_training(arg: str | None, task: str, **more_args: str
                  ) -> tuple[ml_collections.ConfigDict, ml_collections.ConfigDict]:
   """(config, parsed arg) of a PKS task: `training` with `task` and the
-  PKS model of the `model=` variant; unlocked, without `loss`."""
-  args = config_lib.parse_arg(arg, **default_args(PKS_VARIANTS))
+  PKS model of the `model=` variant; unlocked, without `loss`.
+  `more_args`: the config file's own arguments, with their defaults."""
+  args = config_lib.parse_arg(arg, **default_args(PKS_VARIANTS), **more_args)
   config = training(args.data)
   config.task = task
   config.model = pks_model(args.model)

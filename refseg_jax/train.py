@@ -92,6 +92,8 @@ def make_train_step(config: ml_collections.ConfigDict, task: base.Task,
   schedule = optimizer.make(config.total_steps, **config.optimizer).schedule
 
   def step_fn(state: train_state.TrainState, batch: Batch):
+    batch = task.pseudo_label(
+        jax.lax.stop_gradient(state.eval_variables()), batch, state.step)
     (total, (terms, updates)), grads = loss_and_grads(
         task, state.params, state.batch_stats, batch, state.step)
     grad_norm = optax.tree.norm(grads)

@@ -76,8 +76,9 @@ def _leaf_paths(config: ml_collections.ConfigDict, prefix=()):
 
 
 def test_every_config_file_has_variants():
-  assert {p.name for p in CONFIG_FILES} == {'click.py', 'full.py', 'text.py'}
-  assert len(SPECS) == 7 + 3 + 7 + 3 + 7 + 2
+  assert {p.name for p in CONFIG_FILES} == {'click.py', 'full.py',
+                                             'mixed.py', 'text.py'}
+  assert len(SPECS) == 7 + 3 + 7 + 3 + 2 + 3 + 7 + 2
 
 
 @pytest.mark.parametrize('spec', SPECS, ids=_spec_id)
@@ -124,6 +125,7 @@ def _abstract_batch(config: ml_collections.ConfigDict, supervision: str,
     shapes['box'] = ((texts, 4), jnp.float32)
     shapes['clicks'] = ((texts, 3, 2), jnp.float32)
     shapes['mask'] = ((texts, size, size), jnp.uint8)
+    shapes['labelled_with'] = ((texts,), jnp.int32)
     fields = pipeline.SUPERVISION_FIELDS[supervision]
   else:
     mask_size = config.data.eval_mask_size
@@ -149,8 +151,11 @@ def test_every_variant_builds_and_traces_a_train_and_an_eval_step(spec):
       step, state, _abstract_batch(config, task.supervision, True))
   assert jax.tree.structure(new_state) == jax.tree.structure(state)
   assert {'loss', 'grad_norm', 'learning_rate'} <= set(metrics)
-  assert set(metrics) - {'loss', 'grad_norm', 'learning_rate'} <= set(
-      config.loss)  # Every logged term has a weight.
+  # Every logged term has a weight (mixed supervision: each kind's terms,
+  # 'kind/term', and the kinds' shares of the batch, 'share/kind').
+  terms = set(metrics) - {'loss', 'grad_norm', 'learning_rate'}
+  assert {t.rpartition('/')[2] for t in terms
+          if not t.startswith('share/')} <= set(config.loss)
   assert all(m.shape == () for m in metrics.values())
 
   eval_step = evaluator.make_eval_step(task, mesh,

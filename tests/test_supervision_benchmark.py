@@ -89,25 +89,59 @@ def test_modes_share_data_steps_and_seed_pks_modes_also_the_model():
           == default.to_dict())
 
 
+MODE = 'mixed_10_text'
+
+
+def test_mixed_modes_name_their_mix_and_noise():
+  config = supervision.mode_config('mixed_25_text', '', None, 100, 0, 0.05)
+  assert config.task == 'pks_mixed' and config.ema_decay > 0
+  assert dict(config.data.supervision) == {'mask': 0.25, 'clicks': 0.0,
+                                           'text': 0.75}
+  assert config.data.click_noise == 0.0
+  noisy = supervision.mode_config('mixed_1_clicks_noise', 'data=ref_shapes_tiny',
+                                  None, 100, 0, 0.05)
+  assert dict(noisy.data.supervision) == {'mask': 0.01, 'clicks': 0.99,
+                                          'text': 0.0}
+  assert (noisy.data.click_noise, noisy.data.name) == (0.05, 'ref_shapes/tiny')
+  with pytest.raises(ValueError, match="Unknown mode 'mixed_10_boxes'"):
+    supervision.mode_config('mixed_10_boxes', '', None, 100, 0, 0.05)
+
+
+def test_mask_fraction_points_anchor_on_click_and_full():
+  summary = {'full': _entry(0.8), 'click': _entry(0.6),
+             'mixed_10_clicks': _entry(0.75), 'mixed_1_clicks': _entry(0.7),
+             'mixed_10_text': _entry(0.5), 'mixed_10_clicks_noise': _entry(0.1),
+             'mixed_10_none': _entry(0.4)}
+  points = {rest: [(share, round(stats['mean'], 6)) for share, stats in series]
+            for rest, series in supervision.mask_fraction_points(
+                summary).items()}
+  assert points == {'clicks': [(0.0, 0.6), (1.0, 0.7), (10.0, 0.75),
+                               (100.0, 0.8)],
+                    'text': [(10.0, 0.5), (100.0, 0.8)],
+                    'none': [(10.0, 0.4), (100.0, 0.8)]}
+  assert not supervision.mask_fraction_points({'full': _entry(0.8)})
+
+
 def test_benchmark_run_writes_table_json_and_plot(tiny_data_dir, tmp_path):
   # One mode and one seed keep this smoke run short (the suite's budget);
   # the tests above check that the modes share their settings and how the
-  # seeds are aggregated.
+  # seeds are aggregated. Mixed supervision with the teacher (from step 0
+  # of 2) runs the most code.
   summary = supervision.run(
-      ['click_noise'], str(tmp_path), 'data=ref_shapes_tiny',
+      [MODE], str(tmp_path), 'data=ref_shapes_tiny',
       data_dir=tiny_data_dir, total_steps=2, eval_every=1, click_noise=0.05,
       seeds=[3])
 
   assert json.loads((tmp_path / 'supervision.json').read_text()) == summary
   assert [(e['task'], e['click_noise'], e['seeds'])
-          for e in summary.values()] == [('pks_click', 0.05, [3])]
-  (run,) = summary['click_noise']['runs']
+          for e in summary.values()] == [('pks_mixed', 0.0, [3])]
+  (run,) = summary[MODE]['runs']
   assert run['seed'] == run['provenance']['seed'] == 3
-  assert (tmp_path / 'click_noise' / 'seed3' / 'results.json').exists()
+  assert (tmp_path / MODE / 'seed3' / 'results.json').exists()
   assert set(run['results']) == set(supervision.SPLITS)
   for split, values in run['results'].items():
     assert all(0 <= values[c] <= 1 for c in supervision.COLUMNS)
-    assert summary['click_noise']['aggregate'][split]['mIoU'] == {
+    assert summary[MODE]['aggregate'][split]['mIoU'] == {
         'mean': values['mIoU'], 'std': 0.0, 'min': values['mIoU'], 'n': 1}
   # The curve: steps 1 and 2, the last the final evaluation.
   assert [c['step'] for c in run['validation_curve']] == [1, 2]
@@ -120,8 +154,11 @@ def test_benchmark_run_writes_table_json_and_plot(tiny_data_dir, tmp_path):
   # Final scores and the curves: two rows of two panels.
   picture = np.asarray(Image.open(tmp_path / 'supervision.png'))
   assert picture.shape[:2] == (800, 1000) and picture.std() > 0
+  # And the mask-fraction curve, here of one point.
+  picture = np.asarray(Image.open(tmp_path / 'mask_fractions.png'))
+  assert picture.shape[:2] == (450, 700) and picture.std() > 0
   # A second run reads the finished runs instead of training them again.
-  assert supervision.run(['click_noise'], str(tmp_path),
+  assert supervision.run([MODE], str(tmp_path),
                          'data=ref_shapes_tiny', data_dir=tiny_data_dir,
                          total_steps=2, eval_every=1, seeds=[3]) == summary
   with pytest.raises(ValueError, match='seeds is empty'):

@@ -5,7 +5,9 @@ over several seeds.
 
 trains `full`, `click` (exact clicks) and `click_noise` (clicks jittered by
 `--click_noise` of the box size) with the same PKS model, and `text`
-(Shatter and Gather), all with the same data, steps and batch, once per
+(Shatter and Gather), and on request mixed supervision
+(`mixed_<mask %>_<rest>`: `configs/mixed.py`, e.g. `mixed_10_clicks`),
+all with the same data, steps and batch, once per
 seed of `--seeds` (default 0,1,2), one after another (each in
 `WORKDIR/<mode>/seed<k>`, resumable: a finished run is not trained again),
 then writes
@@ -18,6 +20,8 @@ then writes
     WORKDIR/supervision.png    final validation mIoU and PointM per mode
                                (mean, std, each seed); with --eval_every,
                                also the curves over the steps
+    WORKDIR/mask_fractions.png with mixed modes: validation mIoU against
+                               the percentage of referents with masks
 
 and prints the table: mIoU, oIoU, prec@0.5/0.7/0.9 and PointM (percent) on
 `validation`, `test` and `test_novel`, each as mean ± std (the sample
@@ -32,6 +36,7 @@ smoke run.
 from __future__ import annotations
 
 import json
+import re
 import time
 from typing import Any, Mapping, Sequence
 
@@ -52,6 +57,10 @@ import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 # Mode -> (config file, uses click noise).
 MODES = {'full': ('full.py', False), 'click': ('click.py', False),
          'click_noise': ('click.py', True), 'text': ('text.py', False)}
+# Mixed supervision (configs/mixed.py), any mask percentage and rest:
+# 'mixed_10_clicks', 'mixed_1_clicks', 'mixed_10_text', 'mixed_10_none'
+# (the masks alone); '_noise' appended: the clicks with --click_noise.
+MIXED_MODE = re.compile(r'mixed_(\d+(?:\.\d+)?)_(clicks|text|none)(_noise)?')
 CONFIGS = epath.Path(__file__).parents[2] / 'configs'
 COLUMNS = ('mIoU', 'oIoU', 'prec@0.5', 'prec@0.7', 'prec@0.9', 'PointM')
 SPLITS = ('validation', 'test', 'test_novel')
@@ -64,13 +73,19 @@ def mode_config(mode: str, arg: str, data_dir: str | None,
                 ) -> ml_collections.ConfigDict:
   """The training config of one benchmark mode and seed.
 
-  The PKS modes (full, click, click_noise) differ only in the supervision
-  and the click noise; text trains Shatter and Gather, with the same data,
+  The PKS modes (full, click, click_noise, mixed_*) differ only in the
+  supervision and the click noise; text trains Shatter and Gather, with the same data,
   steps, batch and seed. `eval_every` 0 evaluates at the end only.
   """
-  if mode not in MODES:
-    raise ValueError(f'Unknown mode {mode!r}; known: {list(MODES)}.')
-  config_file, noisy = MODES[mode]
+  mixed = MIXED_MODE.fullmatch(mode)
+  if mixed:
+    config_file, noisy = 'mixed.py', bool(mixed[3])
+    arg = f'{arg},masks={mixed[1]},rest={mixed[2]}'
+  elif mode in MODES:
+    config_file, noisy = MODES[mode]
+  else:
+    raise ValueError(f'Unknown mode {mode!r}; known: {list(MODES)} and '
+                     "'mixed_<mask %>_<clicks|text|none>[_noise]'.")
   config = config_lib.load(f'{CONFIGS / config_file}:{arg}')
   config.seed = seed
   config.data.data_dir = data_dir
@@ -191,10 +206,66 @@ def plot(summary: Mapping[str, Mapping[str, Any]], path: epath.Path) -> None:
       ax.set_ylabel(f'validation {metric} (%)')
       ax.grid(alpha=0.3)
       ax.legend()
+  _save(figure, path)
+
+
+def _save(figure, path: epath.Path) -> None:
+  """Writes `figure` as a PNG to `path` (epath: local or gs://) and closes it."""
   figure.tight_layout()
   with path.open('wb') as f:
     figure.savefig(f, format='png', dpi=100)
   plt.close(figure)
+
+
+def mask_fraction_points(summary: Mapping[str, Mapping[str, Any]]
+                         ) -> dict[str, list[tuple[float, dict[str, float]]]]:
+  """{rest: [(mask %, validation mIoU spread)]} of the mixed modes without
+  noise, sorted; 'click' is the clicks' 0 % and 'full' every curve's 100 %;
+  the masks alone ('none') are their own series."""
+  points = {}
+  for mode, entry in summary.items():
+    mixed = MIXED_MODE.fullmatch(mode)
+    if mixed and not mixed[3]:
+      points.setdefault(mixed[2], []).append(
+          (float(mixed[1]), entry['aggregate']['validation']['mIoU']))
+  for rest, anchors in (('clicks', {'click': 0.0, 'full': 100.0}),
+                        ('text', {'full': 100.0}), ('none', {'full': 100.0})):
+    if rest in points:
+      points[rest] += [(share, summary[mode]['aggregate']['validation'][
+          'mIoU']) for mode, share in anchors.items() if mode in summary]
+  return {rest: sorted(p, key=lambda point: point[0])
+          for rest, p in points.items()}
+
+
+def mask_fraction_plot(summary: Mapping[str, Mapping[str, Any]],
+                       path: epath.Path) -> bool:
+  """Validation mIoU (mean ± std) against the percentage of referents with
+  masks, the rest labelled by clicks, by text only (the teacher) or by
+  nothing; False (nothing written) without mixed modes."""
+  points = mask_fraction_points(summary)
+  if not points:
+    return False
+  figure, ax = plt.subplots(figsize=(7, 4.5))
+  labels = {'clicks': 'rest: clicks', 'text': 'rest: text only (teacher)',
+            'none': 'masks alone'}
+  for i, (rest, series) in enumerate(points.items()):
+    shares = [share for share, _ in series]
+    means = [100 * stats['mean'] for _, stats in series]
+    ax.errorbar(shares, means, yerr=[100 * stats['std'] for _, stats in series],
+                marker='o', capsize=5, color=f'C{i}', label=labels[rest])
+    for share, mean in zip(shares, means):
+      ax.annotate(f'{mean:.1f}', (share, mean), xytext=(4, -12),
+                  textcoords='offset points', fontsize=8, color=f'C{i}')
+  ax.set_xscale('symlog', linthresh=1.0)
+  ticks = sorted({share for series in points.values() for share, _ in series})
+  ax.set_xticks(ticks, [f'{t:g}' for t in ticks])
+  ax.set_xlabel('referents with masks (%)')
+  ax.set_ylabel('validation mIoU (%)')
+  ax.set_title('mixed supervision: mean ± std over seeds')
+  ax.grid(alpha=0.3)
+  ax.legend()
+  _save(figure, path)
+  return True
 
 
 def train_once(config: ml_collections.ConfigDict, workdir: epath.Path
@@ -257,6 +328,7 @@ def run(modes: Sequence[str], workdir: str, arg: str = '',
   (root / 'supervision.json').write_text(json.dumps(summary, indent=2))
   (root / 'supervision.md').write_text(table(summary))
   plot(summary, root / 'supervision.png')
+  mask_fraction_plot(summary, root / 'mask_fractions.png')
   return summary
 
 
@@ -274,7 +346,9 @@ if __name__ == '__main__':
   # Flags are defined only when run as a program (every command does so),
   # so that importing this module defines no flag.
   flags.DEFINE_string('workdir', None, 'Output directory.', required=True)
-  flags.DEFINE_list('modes', list(MODES), f'Of {list(MODES)}.')
+  flags.DEFINE_list('modes', list(MODES),
+                    f"Of {list(MODES)} and 'mixed_<mask %>_<clicks|text|"
+                    "none>[_noise]' (configs/mixed.py).")
   flags.DEFINE_string(
       'config', '', "Variant argument of every mode's config, e.g. "
       "'data=ref_shapes_tiny'.")
@@ -287,5 +361,6 @@ if __name__ == '__main__':
   flags.DEFINE_list('seeds', ['0', '1', '2'],
                     'Seeds to train each mode with (config.seed).')
   flags.DEFINE_float(
-      'click_noise', 0.05, 'click_noise mode: click shift std / box size.')
+      'click_noise', 0.05, 'click_noise and mixed_*_noise modes: click '
+      'shift std / box size.')
   app.run(main)

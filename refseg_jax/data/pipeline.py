@@ -28,6 +28,11 @@ the supervision, so that a mode cannot see labels it must not use:
     click  + clicks [B, 3, 2] (centre, top-left, bottom-right), box [B, 4]
            (the span of the corner clicks; see `click_labels`)
     full   + mask uint8 [B, S, S]
+    mixed  image, text_tokens, text_mask, clicks, box, mask and
+           labelled_with int32 [B]: each example's labels
+           (`LABEL_KINDS`: 0 mask, 1 clicks, 2 text only), drawn per
+           referent from `config.supervision` (`label_kinds`); the labels
+           an example lacks are zeros (`hide_labels`)
 
 Evaluation batches (every mode) hold the text-mode fields plus what scoring
 at the original resolution needs (see `refseg_jax.evaluation`): eval_mask
@@ -40,6 +45,7 @@ the host-only `sentence` (bytes, for pictures; never send it to a device).
 from __future__ import annotations
 
 import math
+from typing import Mapping
 
 import jax
 from jax.experimental import multihost_utils
@@ -57,7 +63,13 @@ SUPERVISION_FIELDS = {
     'text': ('image', 'image_id', 'text_tokens', 'text_mask'),
     'click': ('image', 'text_tokens', 'text_mask', 'box', 'clicks'),
     'full': ('image', 'text_tokens', 'text_mask', 'box', 'clicks', 'mask'),
+    'mixed': ('image', 'text_tokens', 'text_mask', 'box', 'clicks', 'mask',
+              'labelled_with'),
 }
+# What a referent of a 'mixed' run is labelled with, by `labelled_with`
+# index: its mask (and so its exact clicks and box), its clicks (and the box
+# their corners span), or nothing beyond its sentences.
+LABEL_KINDS = ('mask', 'clicks', 'text')
 EVAL_FIELDS = ('image', 'text_tokens', 'text_mask', 'eval_mask', 'orig_size',
                'content_size', 'valid', 'image_id', 'sentence_id', 'sentence')
 # The values of config.data.resize (`fit_image`).
@@ -107,6 +119,7 @@ def _expressions(example: dict) -> tf.data.Dataset:
       'image_id': tf.fill(tf.shape(index), example['image/id']),
       'sentence': refs['sentence'].flat_values,
       'sentence_id': refs['sentence_id'].flat_values,
+      'object_id': tf.gather(objects['id'], index),
       'mask_png': tf.gather(objects['mask'], index),
       'box': tf.gather(objects['box'], index),
       'clicks': tf.gather(objects['clicks'], index),
@@ -147,6 +160,7 @@ def _image_group(index: tf.Tensor, example: dict, size: int,
       'image_id': example['image/id'],
       'sentence': tf.gather(refs['sentence'].flat_values, picks),
       'sentence_id': tf.gather(refs['sentence_id'].flat_values, picks),
+      'object_id': tf.gather(objects['id'], objects_picked),
       'mask_png': tf.gather(objects['mask'], objects_picked),
       'box': tf.gather(objects['box'], objects_picked),
       'clicks': tf.gather(objects['clicks'], objects_picked),
@@ -182,29 +196,96 @@ def flip(element: dict) -> dict:
 
 
 def click_labels(element: dict, noise: float | tf.Tensor,
-                 seed: tf.Tensor) -> dict:
+                 seed: tf.Tensor, miss: float | tf.Tensor = 0.0) -> dict:
   """What a clicking annotator gives: clicks, and the box they span.
 
   Each click (image-normalised) moves by a Gaussian shift with standard
   deviation `noise` x the box's height and width, clipped to the image;
-  the box becomes the span of the two corner clicks, so that click
-  supervision never uses a box the clicks do not give.
+  with probability `miss` the centre click instead lands anywhere in the
+  box, uniformly (on the object or not: a careless annotator). The box
+  becomes the span of the two corner clicks, so that click supervision
+  never uses a box the clicks do not give.
 
   Args:
     element: with 'box' [..., 4] and 'clicks' [..., 3, 2] (centre,
       top-left, bottom-right), image-normalised.
-    noise: shift scale as a fraction of the box size (0 = exact clicks).
+    noise: shift scale as a fraction of the box size (0 = exact clicks);
+      a scalar or one per example [...].
     seed: [2] int stateless seed of the shifts.
+    miss: probability that the centre click misses; a scalar or one per
+      example [...] (a Python 0 draws nothing).
   """
   ymin, xmin, ymax, xmax = tf.unstack(element['box'], axis=-1)
-  scale = noise * tf.stack([ymax - ymin, xmax - xmin], axis=-1)
+  size = tf.stack([ymax - ymin, xmax - xmin], axis=-1)
+  scale = tf.cast(noise, tf.float32)[..., None] * size
   shift = tf.random.stateless_normal(
       tf.shape(element['clicks']), seed=seed) * scale[..., None, :]
   clicks = tf.clip_by_value(element['clicks'] + shift, 0.0, 1.0)
+  if isinstance(miss, tf.Tensor) or miss:
+    seeds = tf.random.experimental.stateless_split(seed, 2)
+    anywhere = element['box'][..., :2] + size * tf.random.stateless_uniform(
+        tf.shape(size), seed=seeds[0])
+    missed = tf.random.stateless_uniform(
+        tf.shape(size)[:-1], seed=seeds[1]) < miss
+    clicks = tf.concat([tf.where(missed[..., None], anywhere,
+                                 clicks[..., 0, :])[..., None, :],
+                        clicks[..., 1:, :]], axis=-2)
   corners = clicks[..., 1:, :]
   box = tf.concat([tf.reduce_min(corners, -2), tf.reduce_max(corners, -2)],
                   axis=-1)
   return dict(element, clicks=clicks, box=box)
+
+
+def label_kinds(object_id: tf.Tensor, fractions: Mapping[str, float]
+                ) -> tf.Tensor:
+  """int32 `LABEL_KINDS` index of each referent `object_id` [...].
+
+  A fingerprint of the id (FarmHash, the same on every host, run and
+  restart), read as a uniform number in [0, 1), falls into one of the
+  consecutive intervals of `fractions` ({kind: fraction}, summing to 1;
+  `check_fractions`), so each kind's share of the referents of any split
+  is its fraction up to sampling noise, and a referent keeps its labels
+  across epochs.
+  """
+  fractions = check_fractions(fractions)
+  buckets = 2**30
+  uniform = tf.cast(tf.strings.to_hash_bucket_fast(
+      tf.strings.as_string(object_id), buckets), tf.float64) / buckets
+  bounds = np.cumsum([fractions[kind] for kind in LABEL_KINDS])[:-1]
+  return tf.cast(tf.reduce_sum(tf.cast(
+      uniform[..., None] >= bounds, tf.int32), -1), tf.int32)
+
+
+def check_fractions(fractions: Mapping[str, float]) -> dict[str, float]:
+  """{kind: fraction} for every `LABEL_KINDS` (missing ones 0), or a
+  ValueError naming the bad key or the sum."""
+  unknown = sorted(set(fractions) - set(LABEL_KINDS))
+  if unknown:
+    raise ValueError(f'config.data.supervision has unknown kinds {unknown}; '
+                     f'known: {list(LABEL_KINDS)}.')
+  values = {kind: float(fractions.get(kind) or 0.0) for kind in LABEL_KINDS}
+  for kind, value in values.items():
+    if not 0.0 <= value <= 1.0:
+      raise ValueError(f'config.data.supervision.{kind}={value} is not a '
+                       'fraction in [0, 1].')
+  if abs(sum(values.values()) - 1.0) > 1e-6:
+    raise ValueError(f'config.data.supervision {values} sums to '
+                     f'{sum(values.values())}, not 1.')
+  return values
+
+
+def hide_labels(element: dict, kind: tf.Tensor) -> dict:
+  """Zeros the labels an example's `kind` [...] does not give: the mask
+  unless 'mask', the clicks and box too when 'text'."""
+  has_mask = tf.equal(kind, LABEL_KINDS.index('mask'))
+  has_clicks = tf.not_equal(kind, LABEL_KINDS.index('text'))
+  keep = lambda value, flag: tf.where(
+      tf.reshape(flag, tf.concat([tf.shape(flag), tf.ones(
+          [value.shape.rank - flag.shape.rank], tf.int32)], 0)),
+      value, tf.zeros_like(value))
+  return dict(element, mask=keep(element['mask'], has_mask),
+              clicks=keep(element['clicks'], has_clicks),
+              box=keep(element['box'], has_clicks), labelled_with=kind)
 
 
 def content_size(orig: tf.Tensor, size: int) -> tf.Tensor:
@@ -385,7 +466,8 @@ def train_dataset(config: ml_collections.ConfigDict, supervision: str,
 
   Args:
     config: the data config (`configs/common.py`, `data_config`).
-    supervision: 'full', 'click' or 'text'; selects the fields (module doc).
+    supervision: 'full', 'click', 'text' or 'mixed'; selects the fields
+      (module doc).
     global_batch_size: examples per step over all hosts.
     seed: shuffling and flipping seed; the same seed gives the same order.
     process_index: this host.
@@ -398,9 +480,13 @@ def train_dataset(config: ml_collections.ConfigDict, supervision: str,
   if supervision not in SUPERVISION_FIELDS:
     raise ValueError(f'Unknown supervision {supervision!r}; expected one of '
                      f'{sorted(SUPERVISION_FIELDS)}.')
-  if config.click_noise and supervision != 'click':
-    raise ValueError(f'config.data.click_noise={config.click_noise} applies '
-                     f"to click supervision only, not {supervision!r}.")
+  clicking = supervision in ('click', 'mixed')
+  for key in ('click_noise', 'click_miss'):
+    if config[key] and not clicking:
+      raise ValueError(f'config.data.{key}={config[key]} applies to click '
+                       f"and mixed supervision only, not {supervision!r}.")
+  if supervision == 'mixed':
+    check_fractions(config.supervision)
   resize = resize_of(config)
   tokenizer = load_tokenizer(config.tokenizer, config.name)
   group = config.expressions_per_image
@@ -423,15 +509,25 @@ def train_dataset(config: ml_collections.ConfigDict, supervision: str,
   ds = ds.skip(skip_batches * local_batch)
 
   def prepare(index, element):
-    element = _decode(element, with_mask=supervision == 'full')
+    element = _decode(element, with_mask=supervision in ('full', 'mixed'))
     example_seed = tf.stack([tf.cast(seed, tf.int64), index])
     if config.flip:
       coin = tf.random.stateless_uniform([], seed=example_seed)
       element = tf.cond(coin < 0.5, lambda: flip(element), lambda: element)
+    click_seed = tf.random.experimental.stateless_fold_in(example_seed, 1)
     if supervision == 'click':
+      element = click_labels(element, config.click_noise, click_seed,
+                             config.click_miss)
+    elif supervision == 'mixed':
+      kind = label_kinds(element['object_id'], config.supervision)
+      # Only clicking annotators err: a masked referent's clicks are its
+      # mask's own (`features.clicks_from_mask_and_box`), exact.
+      clicked = tf.equal(kind, LABEL_KINDS.index('clicks'))
       element = click_labels(
-          element, config.click_noise,
-          tf.random.experimental.stateless_fold_in(example_seed, 1))
+          element, tf.where(clicked, config.click_noise, 0.0), click_seed,
+          tf.where(clicked, config.click_miss, 0.0) if config.click_miss
+          else 0.0)
+      element = hide_labels(element, kind)
     return _resize_and_pad(element, config.image_size, resize)
 
   ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)

@@ -13,7 +13,7 @@ mask logits live on the model's mask grid (see `refseg_jax.models.pks`).
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -60,7 +60,8 @@ def box_coverage(box: jax.Array, shape: Tuple[int, int]) -> jax.Array:
   return rows[:, :, None] * cols[:, None, :]
 
 
-def projection_loss(mask_logits: jax.Array, box: jax.Array) -> jax.Array:
+def projection_loss(mask_logits: jax.Array, box: jax.Array,
+                    weights: Optional[jax.Array] = None) -> jax.Array:
   """BoxInst's projection loss: the mask's projections match the box's.
 
   Dice between the maximum of the mask probability over rows and the box's
@@ -70,14 +71,16 @@ def projection_loss(mask_logits: jax.Array, box: jax.Array) -> jax.Array:
   Args:
     mask_logits: [B, H, W].
     box: [B, 4] canvas-normalised (ymin, xmin, ymax, xmax).
+    weights: Optional bool or float [B] of the mean over examples.
 
   Returns:
     Scalar loss in [0, 2].
   """
   prob = jax.nn.sigmoid(mask_logits.astype(jnp.float32))
   target = box_coverage(box, mask_logits.shape[1:])
-  return (masks.dice_per_example(prob.max(axis=1), target.max(axis=1)).mean()
-          + masks.dice_per_example(prob.max(axis=2), target.max(axis=2)).mean())
+  along = lambda axis: masks.masked_mean(masks.dice_per_example(
+      prob.max(axis=axis), target.max(axis=axis)), weights)
+  return along(1) + along(2)
 
 
 def _neighbour(x: jax.Array, dy: int, dx: int) -> Tuple[jax.Array, jax.Array]:
@@ -105,7 +108,8 @@ def neighbour_offsets(size: int, dilation: int) -> list[Tuple[int, int]]:
 
 def pairwise_colour_loss(mask_logits: jax.Array, images: jax.Array,
                          box: jax.Array, size: int, dilation: int,
-                         threshold: float) -> jax.Array:
+                         threshold: float,
+                         weights: Optional[jax.Array] = None) -> jax.Array:
   """BoxInst's pairwise loss: similar-coloured neighbours share a label.
 
   The images are average-pooled to the mask grid and converted to L*a*b*;
@@ -122,6 +126,8 @@ def pairwise_colour_loss(mask_logits: jax.Array, images: jax.Array,
     size: Neighbourhood side (BoxInst: 3).
     dilation: Spacing of the neighbourhood, in cells (BoxInst: 2).
     threshold: Colour similarity a pair needs to count (BoxInst: 0.3).
+    weights: Optional bool or float [B]: each example's pairs count with
+      its weight (None = 1).
 
   Returns:
     Scalar loss (0 when no pair counts).
@@ -144,13 +150,20 @@ def pairwise_colour_loss(mask_logits: jax.Array, images: jax.Array,
     weight = ((similarity >= threshold) & in_box & inside).astype(jnp.float32)
     log_same = jnp.logaddexp(log_fg + _neighbour(log_fg, dy, dx)[0],
                              log_bg + _neighbour(log_bg, dy, dx)[0])
+    if weights is not None:
+      # An example's pairs count with its weight; at weight 0 not at all,
+      # whatever its logits.
+      weight = weight * weights.astype(jnp.float32)[:, None, None]
+      log_same = jnp.where(weight > 0, log_same, 0.0)
     total += (-log_same * weight).sum()
     count += weight.sum()
   return total / jnp.maximum(count, 1.0)
 
 
-def outside_box_loss(mask_logits: jax.Array, box: jax.Array) -> jax.Array:
-  """Mean -log(1 - p) over the cells outside the box (weighted 1 - coverage).
+def outside_box_loss(mask_logits: jax.Array, box: jax.Array,
+                     weights: Optional[jax.Array] = None) -> jax.Array:
+  """Mean -log(1 - p) over the cells outside the box (weighted 1 - coverage,
+  times the example's bool or float `weights` [B] when given).
 
   The object lies inside the box its corner clicks span, so every cell
   outside is background (as in BBTP, Hsu et al. NeurIPS 2019). BoxInst
@@ -160,12 +173,17 @@ def outside_box_loss(mask_logits: jax.Array, box: jax.Array) -> jax.Array:
   """
   outside = 1.0 - box_coverage(box, mask_logits.shape[1:])
   per_cell = jax.nn.softplus(mask_logits.astype(jnp.float32))
+  if weights is not None:
+    outside = outside * weights.astype(jnp.float32)[:, None, None]
+    per_cell = jnp.where(outside > 0, per_cell, 0.0)
   return (per_cell * outside).sum() / jnp.maximum(outside.sum(), 1.0)
 
 
-def point_loss(mask_logits: jax.Array, point: jax.Array) -> jax.Array:
-  """Mean -log p of the mask cell holding each canvas-normalised point."""
+def point_loss(mask_logits: jax.Array, point: jax.Array,
+               weights: Optional[jax.Array] = None) -> jax.Array:
+  """Mean -log p of the mask cell holding each canvas-normalised point
+  (over the examples with bool or float `weights` [B] when given)."""
   batch, height, width = mask_logits.shape
   iy, ix = pks.point_to_cell(point, height, width)
   logits = mask_logits[jnp.arange(batch), iy, ix].astype(jnp.float32)
-  return -jnp.mean(jax.nn.log_sigmoid(logits))
+  return masks.masked_mean(-jax.nn.log_sigmoid(logits), weights)

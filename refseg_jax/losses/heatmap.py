@@ -7,11 +7,12 @@ at stride 8 (see `refseg_jax.models.pks`).
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import jax
 import jax.numpy as jnp
 
+from refseg_jax.losses import masks
 from refseg_jax.models import pks
 
 
@@ -37,7 +38,8 @@ def gaussian_heatmap(centre: jax.Array, shape: Tuple[int, int],
   return jnp.exp(-(dy**2 + dx**2) / (2.0 * sigma**2)).astype(jnp.float32)
 
 
-def focal_heatmap_loss(logits: jax.Array, target: jax.Array) -> jax.Array:
+def focal_heatmap_loss(logits: jax.Array, target: jax.Array,
+                       weights: Optional[jax.Array] = None) -> jax.Array:
   """CenterNet's penalty-reduced pixel-wise focal loss (alpha 2, beta 4).
 
   Positives are the cells where `target == 1`; the `(1 - target)^4` factor
@@ -47,6 +49,8 @@ def focal_heatmap_loss(logits: jax.Array, target: jax.Array) -> jax.Array:
   Args:
     logits: [B, H, W] heatmap logits.
     target: [B, H, W] from `gaussian_heatmap`.
+    weights: Optional bool or float [B]: each example's sum (and its
+      positives) count with its weight; None = all 1.
 
   Returns:
     Scalar loss.
@@ -58,9 +62,19 @@ def focal_heatmap_loss(logits: jax.Array, target: jax.Array) -> jax.Array:
   pos_term = pos * (1 - prob)**2 * jax.nn.log_sigmoid(logits)
   neg_term = ((1 - pos) * (1 - target)**4 * prob**2
               * jax.nn.log_sigmoid(-logits))
-  return -(pos_term.sum() + neg_term.sum()) / jnp.maximum(pos.sum(), 1.0)
+  if weights is None:
+    return -(pos_term.sum() + neg_term.sum()) / jnp.maximum(pos.sum(), 1.0)
+  weights = weights.astype(jnp.float32)
+  per_example = (pos_term + neg_term).sum((1, 2))
+  total = jnp.where(weights > 0, per_example * weights, 0.0).sum()
+  return -total / jnp.maximum((pos.sum((1, 2)) * weights).sum(), 1.0)
 
 
-def box_l1_loss(pred_box_at_centre: jax.Array, box: jax.Array) -> jax.Array:
-  """Mean absolute error over the batch and the 4 canvas-normalised coords."""
-  return jnp.mean(jnp.abs(pred_box_at_centre - box))
+def box_l1_loss(pred_box_at_centre: jax.Array, box: jax.Array,
+                weights: Optional[jax.Array] = None) -> jax.Array:
+  """Mean absolute error over the 4 canvas-normalised coords and the batch
+  (weighted by bool or float `weights` [B], `masks.masked_mean`)."""
+  if weights is None:
+    return jnp.mean(jnp.abs(pred_box_at_centre - box))
+  return masks.masked_mean(jnp.abs(pred_box_at_centre - box).mean(-1),
+                           weights)

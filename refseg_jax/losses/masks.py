@@ -20,12 +20,19 @@ _EPS = 1e-5
 
 
 def masked_mean(per_example: jax.Array,
-                valid: Optional[jax.Array]) -> jax.Array:
-  """Mean over the examples where `valid` (all when None)."""
-  if valid is None:
+                weights: Optional[jax.Array]) -> jax.Array:
+  """Mean of [B] values weighted by bool or float `weights` >= 0 [B] (the
+  plain mean when None; 0 when all weights are 0).
+
+  An example of weight 0 adds nothing to the value even where it is NaN or
+  infinite; its gradient is only safe when its inputs are finite, so a
+  caller that leaves an example out also replaces its garbage targets.
+  """
+  if weights is None:
     return per_example.mean()
-  valid = valid.astype(jnp.float32)
-  return (per_example * valid).sum() / jnp.maximum(valid.sum(), 1.0)
+  weights = weights.astype(jnp.float32)
+  total = jnp.where(weights > 0, per_example * weights, 0.0).sum()
+  return total / jnp.maximum(weights.sum(), 1e-6)
 
 
 def dice_per_example(prob: jax.Array, target: jax.Array) -> jax.Array:
@@ -38,36 +45,38 @@ def dice_per_example(prob: jax.Array, target: jax.Array) -> jax.Array:
 
 
 def dice_loss(mask_logits: jax.Array, mask: jax.Array,
-              valid: Optional[jax.Array] = None) -> jax.Array:
+              weights: Optional[jax.Array] = None) -> jax.Array:
   """CondInst's Dice loss, 1 - 2|pm| / (|p|^2 + |m|^2), per example.
 
   Args:
     mask_logits: [B, H, W].
     mask: [B, H, W] targets in [0, 1] on the same grid.
-    valid: Optional bool [B]; invalid examples are left out of the mean.
+    weights: Optional bool or float [B] of the mean over examples
+      (`masked_mean`).
 
   Returns:
     Scalar loss: 0 for a perfect mask, 1 for a disjoint one (up to eps).
   """
   prob = jax.nn.sigmoid(mask_logits.astype(jnp.float32))
-  return masked_mean(dice_per_example(prob, mask), valid)
+  return masked_mean(dice_per_example(prob, mask), weights)
 
 
 def bce_loss(mask_logits: jax.Array, mask: jax.Array,
-             valid: Optional[jax.Array] = None) -> jax.Array:
-  """Per-pixel sigmoid cross entropy, averaged per example then over `valid`.
+             weights: Optional[jax.Array] = None) -> jax.Array:
+  """Per-pixel sigmoid cross entropy, averaged per example, then over the
+  examples with `weights`.
 
   Args:
     mask_logits: [B, H, W].
     mask: [B, H, W] (soft) targets in [0, 1] on the same grid.
-    valid: Optional bool [B].
+    weights: Optional bool or float [B] (`masked_mean`).
 
   Returns:
     Scalar loss.
   """
   per_pixel = optax.sigmoid_binary_cross_entropy(
       mask_logits.astype(jnp.float32), mask.astype(jnp.float32))
-  return masked_mean(per_pixel.reshape(mask.shape[0], -1).mean(-1), valid)
+  return masked_mean(per_pixel.reshape(mask.shape[0], -1).mean(-1), weights)
 
 
 def downsample_mask(mask: jax.Array, shape: Tuple[int, int]) -> jax.Array:

@@ -2,6 +2,8 @@
 
     pks_full    PKS trained on masks            (tasks/pks_full.py)
     pks_click   PKS trained on clicks           (tasks/pks_click.py)
+    pks_mixed   PKS trained on a per-example mix of masks, clicks and text
+                only, with a teacher's pseudo-labels (tasks/pks_mixed.py)
     sag_text    Shatter and Gather on text only (tasks/sag_text.py)
 
 Each is a `refseg_jax.tasks.base.Task`: the training loop, evaluation,
@@ -16,11 +18,13 @@ import ml_collections
 from refseg_jax.tasks import base
 from refseg_jax.tasks import pks_click
 from refseg_jax.tasks import pks_full
+from refseg_jax.tasks import pks_mixed
 from refseg_jax.tasks import sag_text
 
 TASKS: dict[str, type[base.Task]] = {
     'pks_full': pks_full.PKSFull,
     'pks_click': pks_click.PKSClick,
+    'pks_mixed': pks_mixed.PKSMixed,
     'sag_text': sag_text.SaGText,
 }
 

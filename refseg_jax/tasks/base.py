@@ -102,6 +102,15 @@ class Task:
         variables, batch['image'], batch['text_tokens'], batch['text_mask'],
         train=train, rngs=rngs, mutable=mutable, **extra)
 
+  def pseudo_label(self, teacher: Mapping[str, Any], batch: Batch,
+                   step: jax.Array) -> Batch:
+    """The batch a training step learns from, given the teacher's variables
+    (`TrainState.eval_variables()`: the params' moving average when there
+    is one), which get no gradient. A task that learns from a teacher's
+    pseudo-labels adds them here; by default the batch itself."""
+    del teacher, step
+    return batch
+
   # --------------------------------------------------------- loss and response
 
   def loss(self, outputs: Outputs, batch: Batch, step: jax.Array

@@ -10,6 +10,8 @@ the cells outside the box as negatives. No term reads a mask.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import jax
 
 from refseg_jax.losses import boxinst
@@ -32,7 +34,8 @@ def click_supervision_loss(
     heatmap: float, box: float, projection: float, pairwise: float,
     point: float, outside: float, heatmap_sigma: float, pairwise_size: int,
     pairwise_dilation: int, colour_threshold: float,
-    pairwise_warmup_steps: int) -> tuple[jax.Array, dict[str, jax.Array]]:
+    pairwise_warmup_steps: int, weights: Optional[jax.Array] = None
+) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Click-supervised PKS loss (module doc).
 
   Args:
@@ -45,19 +48,24 @@ def click_supervision_loss(
     pairwise_dilation: Its dilation, in mask cells.
     colour_threshold: L*a*b* similarity a neighbour pair needs to count.
     pairwise_warmup_steps: Steps over which the pairwise weight ramps.
+    weights: Optional bool or float [B]: every term is over these examples
+      only; None = all.
 
   Returns:
     (weighted total, {term: unweighted value}).
   """
   mask_logits = outputs['mask_logits']
   terms = {
-      **pks_full.position_terms(outputs, batch, heatmap_sigma),
-      'projection': boxinst.projection_loss(mask_logits, batch['box']),
+      **pks_full.position_terms(outputs, batch, heatmap_sigma, weights),
+      'projection': boxinst.projection_loss(mask_logits, batch['box'],
+                                            weights),
       'pairwise': boxinst.pairwise_colour_loss(
           mask_logits, batch['image'], batch['box'], pairwise_size,
-          pairwise_dilation, colour_threshold),
-      'point': boxinst.point_loss(mask_logits, batch['clicks'][:, 0]),
-      'outside': boxinst.outside_box_loss(mask_logits, batch['box']),
+          pairwise_dilation, colour_threshold, weights),
+      'point': boxinst.point_loss(mask_logits, batch['clicks'][:, 0],
+                                  weights),
+      'outside': boxinst.outside_box_loss(mask_logits, batch['box'],
+                                          weights),
   }
   weights = dict(heatmap=heatmap, box=box, projection=projection,
                  pairwise=pairwise, point=point, outside=outside)

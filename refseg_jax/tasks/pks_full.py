@@ -8,6 +8,8 @@ onto its grid. At inference the kernel is read at the heatmap peak.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import jax
 
 from refseg_jax.losses import heatmap as heatmap_losses
@@ -18,15 +20,19 @@ from refseg_jax.tasks import base
 
 
 def position_terms(outputs: base.Outputs, batch: base.Batch,
-                   heatmap_sigma: float) -> dict[str, jax.Array]:
+                   heatmap_sigma: float,
+                   weights: Optional[jax.Array] = None
+                   ) -> dict[str, jax.Array]:
   """Focal heatmap at the centre click, L1 on the box read there: the
-  position branch's terms under full and click supervision alike."""
+  position branch's terms under full and click supervision alike (over the
+  examples with `weights` [B], when given)."""
   target = heatmap_losses.gaussian_heatmap(
       batch['clicks'][:, 0], outputs['heatmap'].shape[1:], heatmap_sigma)
   return {
-      'heatmap': heatmap_losses.focal_heatmap_loss(outputs['heatmap'], target),
+      'heatmap': heatmap_losses.focal_heatmap_loss(outputs['heatmap'], target,
+                                                   weights),
       'box': heatmap_losses.box_l1_loss(outputs['box_at_centre'],
-                                        batch['box']),
+                                        batch['box'], weights),
   }
 
 
@@ -54,7 +60,8 @@ class PKSFull(base.Task):
 
 def full_supervision_loss(outputs: base.Outputs, batch: base.Batch, *,
                           heatmap: float, box: float, dice: float, bce: float,
-                          heatmap_sigma: float
+                          heatmap_sigma: float,
+                          weights: Optional[jax.Array] = None
                           ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Focal heatmap + L1 box + Dice + BCE mask losses.
 
@@ -63,15 +70,17 @@ def full_supervision_loss(outputs: base.Outputs, batch: base.Batch, *,
     batch: A 'full' batch (clicks, box, mask at S x S).
     heatmap, box, dice, bce: the terms' weights.
     heatmap_sigma: Standard deviation of the heatmap target, in cells.
+    weights: Optional bool or float [B]: every term is over these examples
+      only (`masks.masked_mean`); None = all.
 
   Returns:
     (weighted total, {term: unweighted value}).
   """
   mask = masks.downsample_mask(batch['mask'], outputs['mask_logits'].shape[1:])
   terms = {
-      **position_terms(outputs, batch, heatmap_sigma),
-      'dice': masks.dice_loss(outputs['mask_logits'], mask),
-      'bce': masks.bce_loss(outputs['mask_logits'], mask),
+      **position_terms(outputs, batch, heatmap_sigma, weights),
+      'dice': masks.dice_loss(outputs['mask_logits'], mask, weights),
+      'bce': masks.bce_loss(outputs['mask_logits'], mask, weights),
   }
   weights = dict(heatmap=heatmap, box=box, dice=dice, bce=bce)
   return weighting.weighted_sum(terms, weights), terms

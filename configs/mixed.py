@@ -1,0 +1,76 @@
+r"""PKS under mixed supervision: a few masks, many clicks, the rest text only.
+
+    python -m refseg_jax.main --config=configs/mixed.py --workdir=/tmp/mixed
+
+Each referent is labelled with its mask, its clicks, or nothing beyond its
+sentences, drawn once from a hash of its id (`config.data.supervision`),
+so it keeps its labels across epochs, hosts and restarts; each example gets
+the losses its labels allow (`refseg_jax.tasks.pks_mixed`), and text-only
+examples learn from the pseudo-labels of the params' moving average.
+
+Default (`masks=10,rest=clicks`): 10 % of the referents with masks, 90 %
+with clicks, on the built-in 128 px `ref_shapes` with the tiny PKS, the
+full default's budget (2,400 steps of 32 expressions).
+
+Arguments, big_vision style, after a colon:
+
+    --config=configs/mixed.py:masks=1               # 1 % masks, 99 % clicks
+    --config=configs/mixed.py:masks=10,rest=text    # 90 % text only, with
+                                                    # the teacher
+    --config=configs/mixed.py:masks=10,rest=none    # the 10 % masks alone
+                                                    # (text-only examples
+                                                    # add no loss)
+    --config=configs/mixed.py:data=...,model=...    # as configs/full.py
+
+`masks` is any percentage in [0, 100]. The fractions can also be set
+directly: `--config.data.supervision.mask=0.05
+--config.data.supervision.clicks=0.95`. Click noise on the clicked
+referents: `--config.data.click_noise=0.05`, `--config.data.click_miss`.
+"""
+
+from refseg_jax import config_lib
+
+common = config_lib.import_sibling(__file__, 'common')
+
+# What labels the referents without a mask: clicks, nothing with the
+# teacher's pseudo-labels, or nothing at all.
+REST = ('clicks', 'text', 'none')
+# tests/test_configs.py builds every one; data and model are the PKS
+# variants of configs/full.py and click.py (any of them works here too).
+VARIANTS = dict(masks=('10', '1'), rest=REST)
+
+
+def get_config(arg=None):
+  """The config of `arg`'s variant (see module doc)."""
+  config, args = common.pks_training(arg, task='pks_mixed', masks='10',
+                                     rest='clicks')
+  masks = float(args.masks) / 100
+  if not 0.0 <= masks <= 1.0 or args.rest not in REST:
+    raise ValueError(f'configs/mixed.py: masks={args.masks} must be a '
+                     f'percentage in [0, 100] and rest={args.rest!r} one of '
+                     f'{REST}.')
+  rest = 'clicks' if args.rest == 'clicks' else 'text'
+  config.data.supervision = dict(mask=0.0, clicks=0.0, text=0.0)
+  config.data.supervision[rest] = 1.0 - masks
+  config.data.supervision.mask = masks
+  # The weak mask losses' gradient into the trunk is mostly noise when
+  # clicks dominate (configs/click.py); masks and pseudo-masks are not.
+  config.model.mask_trunk_gradient = 0.1 if rest == 'clicks' else 1.0
+  # The teacher of the text-only examples is the params' moving average
+  # (which evaluation then uses too).
+  config.ema_decay = 0.999 if args.rest == 'text' else 0.0
+  config.loss = dict(
+      # The full and click tasks' terms and settings (configs/full.py,
+      # configs/click.py).
+      heatmap=1.0, box=5.0, dice=1.0, bce=1.0, projection=1.0, pairwise=1.0,
+      point=1.0, outside=1.0, heatmap_sigma=1.0, pairwise_size=3,
+      pairwise_dilation=2, colour_threshold=0.3,
+      pairwise_warmup_steps=150 if args.model == 'tiny' else 10_000,
+      # Each kind's terms are means over its own examples of the batch.
+      kind_weights=dict(mask=1.0, clicks=1.0,
+                        pseudo=1.0 if args.rest == 'text' else 0.0),
+      # Pseudo-labels from this fraction of the run on, for the examples
+      # whose teacher heatmap peaks at this probability or more.
+      pseudo_start=0.25, pseudo_threshold=0.5)
+  config.lock()
+  return config
