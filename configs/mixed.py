@@ -20,6 +20,8 @@ Arguments, big_vision style, after a colon:
     --config=configs/mixed.py:masks=10,rest=none    # the 10 % masks alone
                                                     # (text-only examples
                                                     # add no loss)
+    --config=configs/mixed.py:masks=0,click_teacher=1  # clicks only, and
+        # the teacher's masks for them (BoxTeacher style)
     --config=configs/mixed.py:data=...,model=...    # as configs/full.py
 
 `masks` is any percentage in [0, 100]. The fractions can also be set
@@ -37,18 +39,21 @@ common = config_lib.import_sibling(__file__, 'common')
 REST = ('clicks', 'text', 'none')
 # tests/test_configs.py builds every one; data and model are the PKS
 # variants of configs/full.py and click.py (any of them works here too).
-VARIANTS = dict(masks=('10', '1'), rest=REST)
+VARIANTS = dict(masks=('10', '1'), rest=REST, click_teacher=('0', '1'))
 
 
 def get_config(arg=None):
   """The config of `arg`'s variant (see module doc)."""
   config, args = common.pks_training(arg, task='pks_mixed', masks='10',
-                                     rest='clicks')
+                                     rest='clicks', click_teacher='0')
   masks = float(args.masks) / 100
-  if not 0.0 <= masks <= 1.0 or args.rest not in REST:
+  if (not 0.0 <= masks <= 1.0 or args.rest not in REST
+      or args.click_teacher not in ('0', '1')):
     raise ValueError(f'configs/mixed.py: masks={args.masks} must be a '
-                     f'percentage in [0, 100] and rest={args.rest!r} one of '
-                     f'{REST}.')
+                     f'percentage in [0, 100], rest={args.rest!r} one of '
+                     f'{REST} and click_teacher={args.click_teacher!r} 0 or '
+                     '1.')
+  teacher = args.rest == 'text' or args.click_teacher == '1'
   rest = 'clicks' if args.rest == 'clicks' else 'text'
   config.data.supervision = dict(mask=0.0, clicks=0.0, text=0.0)
   config.data.supervision[rest] = 1.0 - masks
@@ -56,9 +61,9 @@ def get_config(arg=None):
   # The weak mask losses' gradient into the trunk is mostly noise when
   # clicks dominate (configs/click.py); masks and pseudo-masks are not.
   config.model.mask_trunk_gradient = 0.1 if rest == 'clicks' else 1.0
-  # The teacher of the text-only examples is the params' moving average
-  # (which evaluation then uses too).
-  config.ema_decay = 0.999 if args.rest == 'text' else 0.0
+  # The teacher (text-only examples' pseudo-labels, clicked examples'
+  # masks) is the params' moving average, which evaluation then uses too.
+  config.ema_decay = 0.999 if teacher else 0.0
   config.loss = dict(
       # The full and click tasks' terms and settings (configs/full.py,
       # configs/click.py).
@@ -66,11 +71,14 @@ def get_config(arg=None):
       point=1.0, outside=1.0, heatmap_sigma=1.0, pairwise_size=3,
       pairwise_dilation=2, colour_threshold=0.3,
       pairwise_warmup_steps=150 if args.model == 'tiny' else 10_000,
-      # Each kind's terms are means over its own examples of the batch.
+      # Each kind's terms are means over its own examples, times the kind's
+      # share of the batch and these weights.
       kind_weights=dict(mask=1.0, clicks=1.0,
-                        pseudo=1.0 if args.rest == 'text' else 0.0),
-      # Pseudo-labels from this fraction of the run on, for the examples
-      # whose teacher heatmap peaks at this probability or more.
+                        pseudo=1.0 if args.rest == 'text' else 0.0,
+                        click_teacher=float(args.click_teacher)),
+      # The teacher from this fraction of the run on; text-only examples
+      # get pseudo-labels where its heatmap peaks at this probability or
+      # more.
       pseudo_start=0.25, pseudo_threshold=0.5)
   config.lock()
   return config

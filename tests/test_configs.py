@@ -78,7 +78,7 @@ def _leaf_paths(config: ml_collections.ConfigDict, prefix=()):
 def test_every_config_file_has_variants():
   assert {p.name for p in CONFIG_FILES} == {'click.py', 'full.py',
                                              'mixed.py', 'text.py'}
-  assert len(SPECS) == 7 + 3 + 7 + 3 + 2 + 3 + 7 + 2
+  assert len(SPECS) == 7 + 3 + 7 + 3 + 2 + 3 + 2 + 7 + 2
 
 
 @pytest.mark.parametrize('spec', SPECS, ids=_spec_id)

@@ -13,6 +13,7 @@ from refseg_jax import config_lib
 from refseg_jax import tasks
 from refseg_jax import train
 from refseg_jax.data import pipeline
+from refseg_jax.losses import boxinst
 from refseg_jax.tasks import pks_click
 from refseg_jax.tasks import pks_full
 from refseg_jax.tasks import pks_mixed
@@ -132,8 +133,8 @@ def task_and_variables():
 
 
 def _loss_and_grads(task, variables, batch):
-  batch = dict(batch, text_tokens=batch['text_tokens'] % VOCAB)
-  batch.setdefault('pseudo', np.zeros(batch['labelled_with'].shape, bool))
+  batch = pks_mixed.no_teacher_labels(
+      dict(batch, text_tokens=batch['text_tokens'] % VOCAB))
   (total, (terms, _)), grads = jax.jit(
       lambda b: train.loss_and_grads(
           task, variables['params'], variables['batch_stats'], b, 1000))(
@@ -178,9 +179,9 @@ def test_one_kind_alone_is_that_tasks_loss(task_and_variables, mixed_batch,
   task, variables = task_and_variables
   # Every example labelled `kind` (those without such labels have zeros:
   # both losses see the same batch).
-  batch = dict(mixed_batch, labelled_with=np.full(BATCH, kind, np.int32),
-               text_tokens=mixed_batch['text_tokens'] % VOCAB,
-               pseudo=np.zeros(BATCH, bool))
+  batch = pks_mixed.no_teacher_labels(dict(
+      mixed_batch, labelled_with=np.full(BATCH, kind, np.int32),
+      text_tokens=mixed_batch['text_tokens'] % VOCAB))
   outputs = jax.jit(lambda v, b: task.model.apply(
       v, b['image'], b['text_tokens'], b['text_mask'], train=False,
       centre=b['clicks'][:, 0]))(variables, batch)
@@ -208,9 +209,8 @@ def test_the_teacher_labels_text_examples_and_gets_no_gradient(
 
   # Before the start step: no pseudo-labels, the batch as it was.
   before = pseudo_label(teacher, batch, start - 1)
-  assert not before['pseudo'].any()
-  for key in batch:
-    np.testing.assert_array_equal(before[key], batch[key])
+  jax.tree.map(np.testing.assert_array_equal, before,
+               pks_mixed.no_teacher_labels(batch))
 
   # After: the teacher's inference outputs label the text-only examples
   # where its mask is not empty (threshold 0), nothing else.
@@ -256,3 +256,44 @@ def test_text_only_examples_need_a_teacher():
   # Without the pseudo-label weight they are simply left out.
   config = config_lib.load(f'{MIXED_CONFIG}:data=ref_shapes_tiny,rest=none')
   assert not tasks.build(config, VOCAB).uses_teacher(config)
+
+
+def test_the_teacher_masks_clicked_examples_within_their_box(
+    task_and_variables, mixed_batch):
+  _, student = task_and_variables
+  task = _task('masks=30,click_teacher=1')
+  teacher = jax.jit(task.init_variables)(jax.random.key(1))
+  batch = dict(mixed_batch, text_tokens=mixed_batch['text_tokens'] % VOCAB)
+  start = pks_mixed.pseudo_start_step(task.config)
+  labelled = jax.jit(task.pseudo_label)(teacher, batch, start)
+  outputs = jax.jit(lambda v, b: task.model.apply(
+      v, b['image'], b['text_tokens'], b['text_mask'], train=False,
+      centre=b['clicks'][:, 0]))(teacher, batch)
+  prob = np.asarray(jax.nn.sigmoid(outputs['mask_logits']))
+  # The teacher's mask at the click, cut to the cells the box covers half of.
+  inside = np.asarray(boxinst.box_coverage(batch['box'], prob.shape[1:]))
+  called = (prob > 0.5) & (inside >= 0.5)
+  assert called.any() and (prob > 0.5)[~called].any()  # Both cases.
+  stride = batch['mask'].shape[-1] // prob.shape[1]
+  clicked = batch['labelled_with'] == CLICKS
+  grid = np.asarray(labelled['teacher_mask'])[:, ::stride, ::stride]
+  np.testing.assert_array_equal(grid[clicked], called[clicked])
+  confidence = (prob * called).sum((1, 2)) / np.maximum(called.sum((1, 2)),
+                                                          1)
+  weight = np.asarray(labelled['teacher_weight'])
+  assert (weight[~clicked] == 0).all() and (weight[clicked] > 0).any()
+  np.testing.assert_allclose(weight[clicked], confidence[clicked], rtol=1e-5)
+  assert not labelled['pseudo'].any()  # No text-only examples here.
+
+  # It adds Dice + BCE on those examples, and no gradient to the teacher.
+  def loss_of_teacher(teacher_params):
+    labelled = task.pseudo_label(
+        {'params': teacher_params, 'batch_stats': teacher['batch_stats']},
+        batch, start)
+    return train.loss_and_grads(task, student['params'],
+                                student['batch_stats'], labelled, start)[0]
+  (value, (terms, _)), grads = jax.jit(jax.value_and_grad(
+      loss_of_teacher, has_aux=True))(teacher['params'])
+  assert float(terms['click_teacher/dice']) > 0 and np.isfinite(float(value))
+  assert float(terms['share/click_teacher']) == (weight > 0).mean()
+  assert all(not np.asarray(g).any() for g in jax.tree.leaves(grads))

@@ -103,6 +103,12 @@ def test_mixed_modes_name_their_mix_and_noise():
   assert dict(noisy.data.supervision) == {'mask': 0.01, 'clicks': 0.99,
                                           'text': 0.0}
   assert (noisy.data.click_noise, noisy.data.name) == (0.05, 'ref_shapes/tiny')
+  assert not noisy.loss.kind_weights.click_teacher
+  taught = supervision.mode_config('mixed_0_clicks_teacher_noise', '', None,
+                                   100, 0, 0.05)
+  assert (taught.loss.kind_weights.click_teacher, taught.ema_decay,
+          taught.data.click_noise, taught.data.supervision.clicks) == (
+              1.0, 0.999, 0.05, 1.0)
   with pytest.raises(ValueError, match="Unknown mode 'mixed_10_boxes'"):
     supervision.mode_config('mixed_10_boxes', '', None, 100, 0, 0.05)
 
@@ -111,6 +117,7 @@ def test_mask_fraction_points_anchor_on_click_and_full():
   summary = {'full': _entry(0.8), 'click': _entry(0.6),
              'mixed_10_clicks': _entry(0.75), 'mixed_1_clicks': _entry(0.7),
              'mixed_10_text': _entry(0.5), 'mixed_10_clicks_noise': _entry(0.1),
+             'mixed_10_clicks_teacher': _entry(0.2),
              'mixed_10_none': _entry(0.4)}
   points = {rest: [(share, round(stats['mean'], 6)) for share, stats in series]
             for rest, series in supervision.mask_fraction_points(

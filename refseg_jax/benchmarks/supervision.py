@@ -59,8 +59,10 @@ MODES = {'full': ('full.py', False), 'click': ('click.py', False),
          'click_noise': ('click.py', True), 'text': ('text.py', False)}
 # Mixed supervision (configs/mixed.py), any mask percentage and rest:
 # 'mixed_10_clicks', 'mixed_1_clicks', 'mixed_10_text', 'mixed_10_none'
-# (the masks alone); '_noise' appended: the clicks with --click_noise.
-MIXED_MODE = re.compile(r'mixed_(\d+(?:\.\d+)?)_(clicks|text|none)(_noise)?')
+# (the masks alone); then '_teacher': the teacher's masks for the clicked
+# examples (click_teacher=1); '_noise': the clicks with --click_noise.
+MIXED_MODE = re.compile(
+    r'mixed_(\d+(?:\.\d+)?)_(clicks|text|none)(_teacher)?(_noise)?')
 CONFIGS = epath.Path(__file__).parents[2] / 'configs'
 COLUMNS = ('mIoU', 'oIoU', 'prec@0.5', 'prec@0.7', 'prec@0.9', 'PointM')
 SPLITS = ('validation', 'test', 'test_novel')
@@ -79,13 +81,14 @@ def mode_config(mode: str, arg: str, data_dir: str | None,
   """
   mixed = MIXED_MODE.fullmatch(mode)
   if mixed:
-    config_file, noisy = 'mixed.py', bool(mixed[3])
-    arg = f'{arg},masks={mixed[1]},rest={mixed[2]}'
+    config_file, noisy = 'mixed.py', bool(mixed[4])
+    arg = (f'{arg},masks={mixed[1]},rest={mixed[2]},'
+           f'click_teacher={int(bool(mixed[3]))}')
   elif mode in MODES:
     config_file, noisy = MODES[mode]
   else:
     raise ValueError(f'Unknown mode {mode!r}; known: {list(MODES)} and '
-                     "'mixed_<mask %>_<clicks|text|none>[_noise]'.")
+                     "'mixed_<mask %>_<clicks|text|none>[_teacher][_noise]'.")
   config = config_lib.load(f'{CONFIGS / config_file}:{arg}')
   config.seed = seed
   config.data.data_dir = data_dir
@@ -220,12 +223,12 @@ def _save(figure, path: epath.Path) -> None:
 def mask_fraction_points(summary: Mapping[str, Mapping[str, Any]]
                          ) -> dict[str, list[tuple[float, dict[str, float]]]]:
   """{rest: [(mask %, validation mIoU spread)]} of the mixed modes without
-  noise, sorted; 'click' is the clicks' 0 % and 'full' every curve's 100 %;
+  teacher or noise on the clicks, sorted; 'click' is the clicks' 0 % and 'full' every curve's 100 %;
   the masks alone ('none') are their own series."""
   points = {}
   for mode, entry in summary.items():
     mixed = MIXED_MODE.fullmatch(mode)
-    if mixed and not mixed[3]:
+    if mixed and not (mixed[3] or mixed[4]):
       points.setdefault(mixed[2], []).append(
           (float(mixed[1]), entry['aggregate']['validation']['mIoU']))
   for rest, anchors in (('clicks', {'click': 0.0, 'full': 100.0}),
@@ -348,7 +351,7 @@ if __name__ == '__main__':
   flags.DEFINE_string('workdir', None, 'Output directory.', required=True)
   flags.DEFINE_list('modes', list(MODES),
                     f"Of {list(MODES)} and 'mixed_<mask %>_<clicks|text|"
-                    "none>[_noise]' (configs/mixed.py).")
+                    "none>[_teacher][_noise]' (configs/mixed.py).")
   flags.DEFINE_string(
       'config', '', "Variant argument of every mode's config, e.g. "
       "'data=ref_shapes_tiny'.")
