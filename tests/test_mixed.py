@@ -119,26 +119,32 @@ def test_a_missed_centre_click_lands_in_the_box():
   np.testing.assert_array_equal(missed[:, 1:], element['clicks'][:, 1:])
 
 
-def _task(arg='', **loss):
-  config = config_lib.load(f'{MIXED_CONFIG}:data=ref_shapes_tiny,{arg}')
+def _task(**loss):
+  """A small PKS on the three kinds of `FRACTIONS`, both teacher parts on
+  (text-only pseudo-labels at threshold 0, clicked examples' masks)."""
+  config = config_lib.load(
+      f'{MIXED_CONFIG}:data=ref_shapes_tiny,rest=text,click_teacher=1')
   config.model.update(dim=16, mask_stride=8, frozen_bn=True)
-  config.loss.update(loss)
+  config.data.supervision.update(FRACTIONS)
+  config.loss.update({'pseudo_threshold': 0.0, **loss})
   return tasks.build(config, VOCAB)
 
 
 @pytest.fixture(scope='module')
 def task_and_variables():
-  task = _task('rest=text', pseudo_threshold=0.0)
+  task = _task()
   return task, jax.jit(task.init_variables)(jax.random.key(0))
+
+
+# Compiled once per task (static) for every batch of the same shapes.
+_jitted_loss_and_grads = jax.jit(train.loss_and_grads, static_argnums=0)
 
 
 def _loss_and_grads(task, variables, batch):
   batch = pks_mixed.no_teacher_labels(
       dict(batch, text_tokens=batch['text_tokens'] % VOCAB))
-  (total, (terms, _)), grads = jax.jit(
-      lambda b: train.loss_and_grads(
-          task, variables['params'], variables['batch_stats'], b, 1000))(
-              batch)
+  (total, (terms, _)), grads = _jitted_loss_and_grads(
+      task, variables['params'], variables['batch_stats'], batch, 1000)
   return total, terms, grads
 
 
@@ -198,29 +204,31 @@ def test_one_kind_alone_is_that_tasks_loss(task_and_variables, mixed_batch,
   assert float(terms[f'share/{prefix}']) == 1.0
 
 
-def test_the_teacher_labels_text_examples_and_gets_no_gradient(
+def test_the_teacher_labels_text_and_clicked_examples_without_gradient(
     task_and_variables, mixed_batch):
   task, student = task_and_variables
   teacher = jax.jit(task.init_variables)(jax.random.key(1))
   pseudo_label = jax.jit(task.pseudo_label)
   batch = dict(mixed_batch, text_tokens=mixed_batch['text_tokens'] % VOCAB)
   text = batch['labelled_with'] == TEXT
+  clicked = batch['labelled_with'] == CLICKS
   start = pks_mixed.pseudo_start_step(task.config)
 
-  # Before the start step: no pseudo-labels, the batch as it was.
+  # Before the start step: no teacher labels, the batch as it was.
   before = pseudo_label(teacher, batch, start - 1)
   jax.tree.map(np.testing.assert_array_equal, before,
                pks_mixed.no_teacher_labels(batch))
 
-  # After: the teacher's inference outputs label the text-only examples
-  # where its mask is not empty (threshold 0), nothing else.
+  # After: its inference outputs label the text-only examples where its
+  # mask is not empty (threshold 0)...
   after = pseudo_label(teacher, batch, start)
-  outputs = jax.jit(lambda v, b: task.forward(v, b, train=False, rngs={}))(
-      teacher, batch)
+  run = jax.jit(lambda v, b, centre: task.model.apply(
+      v, b['image'], b['text_tokens'], b['text_mask'], train=False,
+      centre=centre))
+  outputs = run(teacher, batch, None)
   grid = np.asarray(outputs['mask_logits'] > 0)
   expected = text & grid.any((1, 2))
-  # (This random teacher gives both cases.)
-  assert expected.any() and (text & ~expected).any()
+  assert expected.any() and (text & ~expected).any()  # Both cases here.
   np.testing.assert_array_equal(after['pseudo'], expected)
   stride = batch['mask'].shape[-1] // grid.shape[-1]
   np.testing.assert_array_equal(
@@ -230,8 +238,24 @@ def test_the_teacher_labels_text_examples_and_gets_no_gradient(
                              np.asarray(outputs['centre'])[expected])
   for key in ('mask', 'clicks', 'box'):
     np.testing.assert_array_equal(after[key][~expected], batch[key][~expected])
-  # A confidence threshold over every peak labels nothing.
-  strict = _task('rest=text', pseudo_threshold=1.01)
+
+  # ...and gives each clicked one its mask with the kernel at the click,
+  # cut to the cells the box covers half of, weighted by its confidence.
+  prob = np.asarray(jax.nn.sigmoid(
+      run(teacher, batch, batch['clicks'][:, 0])['mask_logits']))
+  inside = np.asarray(boxinst.box_coverage(batch['box'], prob.shape[1:]))
+  called = (prob > 0.5) & (inside >= 0.5)
+  assert called.any() and (prob > 0.5)[~called].any()  # Both cases.
+  masks = np.asarray(after['teacher_mask'])[:, ::stride, ::stride]
+  np.testing.assert_array_equal(masks[clicked], called[clicked])
+  confidence = (prob * called).sum((1, 2)) / np.maximum(called.sum((1, 2)),
+                                                          1)
+  weight = np.asarray(after['teacher_weight'])
+  assert (weight[~clicked] == 0).all() and (weight[clicked] > 0).any()
+  np.testing.assert_allclose(weight[clicked], confidence[clicked], rtol=1e-5)
+
+  # A confidence threshold over every peak labels no text-only example.
+  strict = _task(pseudo_threshold=1.01)
   assert not jax.jit(strict.pseudo_label)(teacher, batch, start)[
       'pseudo'].any()
 
@@ -241,10 +265,13 @@ def test_the_teacher_labels_text_examples_and_gets_no_gradient(
         {'params': teacher_params, 'batch_stats': teacher['batch_stats']},
         batch, start)
     return train.loss_and_grads(task, student['params'],
-                                student['batch_stats'], labelled, start)[0][0]
-  value, grads = jax.jit(jax.value_and_grad(loss_of_teacher))(
-      teacher['params'])
+                                student['batch_stats'], labelled, start)[0]
+  (value, (terms, _)), grads = jax.jit(jax.value_and_grad(
+      loss_of_teacher, has_aux=True))(teacher['params'])
   assert np.isfinite(float(value))
+  assert float(terms['pseudo/dice']) > 0
+  assert float(terms['click_teacher/dice']) > 0
+  assert float(terms['share/click_teacher']) == (weight > 0).mean()
   assert all(not np.asarray(g).any() for g in jax.tree.leaves(grads))
 
 
@@ -256,44 +283,3 @@ def test_text_only_examples_need_a_teacher():
   # Without the pseudo-label weight they are simply left out.
   config = config_lib.load(f'{MIXED_CONFIG}:data=ref_shapes_tiny,rest=none')
   assert not tasks.build(config, VOCAB).uses_teacher(config)
-
-
-def test_the_teacher_masks_clicked_examples_within_their_box(
-    task_and_variables, mixed_batch):
-  _, student = task_and_variables
-  task = _task('masks=30,click_teacher=1')
-  teacher = jax.jit(task.init_variables)(jax.random.key(1))
-  batch = dict(mixed_batch, text_tokens=mixed_batch['text_tokens'] % VOCAB)
-  start = pks_mixed.pseudo_start_step(task.config)
-  labelled = jax.jit(task.pseudo_label)(teacher, batch, start)
-  outputs = jax.jit(lambda v, b: task.model.apply(
-      v, b['image'], b['text_tokens'], b['text_mask'], train=False,
-      centre=b['clicks'][:, 0]))(teacher, batch)
-  prob = np.asarray(jax.nn.sigmoid(outputs['mask_logits']))
-  # The teacher's mask at the click, cut to the cells the box covers half of.
-  inside = np.asarray(boxinst.box_coverage(batch['box'], prob.shape[1:]))
-  called = (prob > 0.5) & (inside >= 0.5)
-  assert called.any() and (prob > 0.5)[~called].any()  # Both cases.
-  stride = batch['mask'].shape[-1] // prob.shape[1]
-  clicked = batch['labelled_with'] == CLICKS
-  grid = np.asarray(labelled['teacher_mask'])[:, ::stride, ::stride]
-  np.testing.assert_array_equal(grid[clicked], called[clicked])
-  confidence = (prob * called).sum((1, 2)) / np.maximum(called.sum((1, 2)),
-                                                          1)
-  weight = np.asarray(labelled['teacher_weight'])
-  assert (weight[~clicked] == 0).all() and (weight[clicked] > 0).any()
-  np.testing.assert_allclose(weight[clicked], confidence[clicked], rtol=1e-5)
-  assert not labelled['pseudo'].any()  # No text-only examples here.
-
-  # It adds Dice + BCE on those examples, and no gradient to the teacher.
-  def loss_of_teacher(teacher_params):
-    labelled = task.pseudo_label(
-        {'params': teacher_params, 'batch_stats': teacher['batch_stats']},
-        batch, start)
-    return train.loss_and_grads(task, student['params'],
-                                student['batch_stats'], labelled, start)[0]
-  (value, (terms, _)), grads = jax.jit(jax.value_and_grad(
-      loss_of_teacher, has_aux=True))(teacher['params'])
-  assert float(terms['click_teacher/dice']) > 0 and np.isfinite(float(value))
-  assert float(terms['share/click_teacher']) == (weight > 0).mean()
-  assert all(not np.asarray(g).any() for g in jax.tree.leaves(grads))

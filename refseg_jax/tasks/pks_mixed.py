@@ -12,9 +12,9 @@ that kind's examples of the batch, weighted by its share of the batch
 Text-only examples learn from pseudo-labels (Omni-RES style): from step
 `loss.pseudo_start` x `config.total_steps` on, the params' exponential
 moving average (the teacher, `config.ema_decay` > 0; no gradient reaches
-it) predicts each one's centre, box and mask at inference; those whose heatmap peak is at
-least `loss.pseudo_threshold` become mask examples of the teacher's
-prediction (kind 'pseudo', the full task's terms). Before that step, and
+it) predicts each one's centre, box and mask at inference; those whose
+heatmap peak is at least `loss.pseudo_threshold` become mask examples of
+the teacher's prediction (kind 'pseudo', the full task's terms). Before that step, and
 at `kind_weights.pseudo` 0, text-only examples add no loss at all.
 
 Clicked examples can learn from the same teacher (BoxTeacher, Cheng et al.
@@ -91,7 +91,7 @@ class PKSMixed(pks_full.PKSFull):
 
 
 def pseudo_start_step(config) -> int:
-  """The first step with pseudo-labels: `loss.pseudo_start` of the run."""
+  """The first step the teacher runs: `loss.pseudo_start` of the run."""
   return int(config.loss.pseudo_start * config.total_steps)
 
 
