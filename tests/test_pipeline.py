@@ -24,9 +24,15 @@ def _first_batch(config, supervision, seed=0):
 
 
 def test_each_supervision_gets_only_its_fields(tiny_config):
+  mixed = tiny_config.copy_and_resolve_references()
+  with mixed.unlocked():
+    mixed.supervision = {'mask': 0.5, 'clicks': 0.5}
   for supervision, fields in pipeline.SUPERVISION_FIELDS.items():
-    batch = _first_batch(tiny_config, supervision)
+    batch = _first_batch(mixed if supervision == 'mixed' else tiny_config,
+                         supervision)
     assert set(batch) == set(fields), supervision
+  with pytest.raises(ValueError, match='needs config.data.supervision'):
+    _first_batch(tiny_config, 'mixed')
   assert 'mask' not in pipeline.SUPERVISION_FIELDS['click']
   assert set(pipeline.SUPERVISION_FIELDS['text']) == {
       'image', 'image_id', 'text_tokens', 'text_mask'}

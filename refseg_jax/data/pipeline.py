@@ -486,6 +486,10 @@ def train_dataset(config: ml_collections.ConfigDict, supervision: str,
       raise ValueError(f'config.data.{key}={config[key]} applies to click '
                        f"and mixed supervision only, not {supervision!r}.")
   if supervision == 'mixed':
+    if config.get('supervision') is None:
+      raise ValueError('Mixed supervision needs config.data.supervision, '
+                       "the fraction of referents of each kind, e.g. "
+                       "{'mask': 0.1, 'clicks': 0.9} (configs/mixed.py).")
     check_fractions(config.supervision)
   resize = resize_of(config)
   tokenizer = load_tokenizer(config.tokenizer, config.name)
