@@ -260,6 +260,7 @@ def mask_fraction_plot(summary: Mapping[str, Mapping[str, Any]],
       ax.annotate(f'{mean:.1f}', (share, mean), xytext=(4, -12),
                   textcoords='offset points', fontsize=8, color=f'C{i}')
   ax.set_xscale('symlog', linthresh=1.0)
+  ax.margins(x=0.1)  # Room for the labels of the outermost points.
   ticks = sorted({share for series in points.values() for share, _ in series})
   ax.set_xticks(ticks, [f'{t:g}' for t in ticks])
   ax.set_xlabel('referents with masks (%)')
