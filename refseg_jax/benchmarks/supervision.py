@@ -76,8 +76,8 @@ def mode_config(mode: str, arg: str, data_dir: str | None,
   """The training config of one benchmark mode and seed.
 
   The PKS modes (full, click, click_noise, mixed_*) differ only in the
-  supervision and the click noise; text trains Shatter and Gather, with the same data,
-  steps, batch and seed. `eval_every` 0 evaluates at the end only.
+  supervision and the click noise; text trains Shatter and Gather, with the
+  same data, steps, batch and seed. `eval_every` 0 evaluates at the end only.
   """
   mixed = MIXED_MODE.fullmatch(mode)
   if mixed:
@@ -223,8 +223,9 @@ def _save(figure, path: epath.Path) -> None:
 def mask_fraction_points(summary: Mapping[str, Mapping[str, Any]]
                          ) -> dict[str, list[tuple[float, dict[str, float]]]]:
   """{rest: [(mask %, validation mIoU spread)]} of the mixed modes without
-  teacher or noise on the clicks, sorted; 'click' is the clicks' 0 % and 'full' every curve's 100 %;
-  the masks alone ('none') are their own series."""
+  teacher or noise on the clicks, sorted; 'click' is the clicks' 0 % and
+  'full' every curve's 100 %; the masks alone ('none') are their own
+  series."""
   points = {}
   for mode, entry in summary.items():
     mixed = MIXED_MODE.fullmatch(mode)

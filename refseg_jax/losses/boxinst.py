@@ -150,11 +150,8 @@ def pairwise_colour_loss(mask_logits: jax.Array, images: jax.Array,
     weight = ((similarity >= threshold) & in_box & inside).astype(jnp.float32)
     log_same = jnp.logaddexp(log_fg + _neighbour(log_fg, dy, dx)[0],
                              log_bg + _neighbour(log_bg, dy, dx)[0])
-    if weights is not None:
-      # An example's pairs count with its weight; at weight 0 not at all,
-      # whatever its logits.
+    if weights is not None:  # An example's pairs count with its weight.
       weight = weight * weights.astype(jnp.float32)[:, None, None]
-      log_same = jnp.where(weight > 0, log_same, 0.0)
     total += (-log_same * weight).sum()
     count += weight.sum()
   return total / jnp.maximum(count, 1.0)
@@ -175,7 +172,6 @@ def outside_box_loss(mask_logits: jax.Array, box: jax.Array,
   per_cell = jax.nn.softplus(mask_logits.astype(jnp.float32))
   if weights is not None:
     outside = outside * weights.astype(jnp.float32)[:, None, None]
-    per_cell = jnp.where(outside > 0, per_cell, 0.0)
   return (per_cell * outside).sum() / jnp.maximum(outside.sum(), 1.0)
 
 

@@ -66,8 +66,8 @@ def focal_heatmap_loss(logits: jax.Array, target: jax.Array,
     return -(pos_term.sum() + neg_term.sum()) / jnp.maximum(pos.sum(), 1.0)
   weights = weights.astype(jnp.float32)
   per_example = (pos_term + neg_term).sum((1, 2))
-  total = jnp.where(weights > 0, per_example * weights, 0.0).sum()
-  return -total / jnp.maximum((pos.sum((1, 2)) * weights).sum(), 1.0)
+  return (-(per_example * weights).sum()
+          / jnp.maximum((pos.sum((1, 2)) * weights).sum(), 1.0))
 
 
 def box_l1_loss(pred_box_at_centre: jax.Array, box: jax.Array,

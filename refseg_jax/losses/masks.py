@@ -22,17 +22,14 @@ _EPS = 1e-5
 def masked_mean(per_example: jax.Array,
                 weights: Optional[jax.Array]) -> jax.Array:
   """Mean of [B] values weighted by bool or float `weights` >= 0 [B] (the
-  plain mean when None; 0 when all weights are 0).
-
-  An example of weight 0 adds nothing to the value even where it is NaN or
-  infinite; its gradient is only safe when its inputs are finite, so a
-  caller that leaves an example out also replaces its garbage targets.
+  plain mean when None; 0 when all weights are 0). The values must be
+  finite: a caller that leaves an example out replaces its missing labels
+  first (`refseg_jax.tasks.pks_mixed` does, once for every term).
   """
   if weights is None:
     return per_example.mean()
   weights = weights.astype(jnp.float32)
-  total = jnp.where(weights > 0, per_example * weights, 0.0).sum()
-  return total / jnp.maximum(weights.sum(), 1e-6)
+  return (per_example * weights).sum() / jnp.maximum(weights.sum(), 1e-6)
 
 
 def dice_per_example(prob: jax.Array, target: jax.Array) -> jax.Array:

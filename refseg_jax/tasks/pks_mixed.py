@@ -192,7 +192,8 @@ def mixed_supervision_loss(
   examples = {'mask': kinds == MASK, 'clicks': kinds == CLICKS,
               'pseudo': batch['pseudo']}
   # Labels an example lacks are zeros from the pipeline; replacing them
-  # again here keeps garbage (even NaN) out of the values and gradients.
+  # again here, once for every term, keeps garbage (even NaN) out of the
+  # values and gradients (the loss functions only weight examples).
   has_mask = examples['mask'] | examples['pseudo']
   has_position = has_mask | examples['clicks']  # (`PKSMixed.train_inputs`)
   clean = dict(batch, mask=_keep(batch['mask'], has_mask),
