@@ -61,6 +61,10 @@ def get_config(arg=None):
   config.data.supervision = dict(mask=0.0, clicks=0.0, text=0.0)
   config.data.supervision[rest] = 1.0 - masks
   config.data.supervision.mask = masks
+  # The share of examples (images, when grouped) drawn from the masked
+  # referents alone (`pipeline.train_dataset`), on top of their share of
+  # the rest: a few masks then teach in every batch.
+  config.data.oversample_masked = 0.25 if masks else 0.0
   # The weak mask losses' gradient into the trunk is mostly noise when
   # clicks dominate (configs/click.py); masks and pseudo-masks are not.
   config.model.mask_trunk_gradient = 0.1 if rest == 'clicks' else 1.0

@@ -57,7 +57,9 @@ dataset's size, which changes no cost). Everything goes to stdout as JSON
     + temps 0.0134 GB; compile 25.1 s | eval: 0.0851 s/batch, 752 ex/s,
     ... | peak RSS 1.76 GB
 
-`--num_devices=N` uses the first N devices only (scaling); `--noeval`
+On CPU it keeps freed host memory for reuse, as training does
+(`--nokeep_freed_host_memory`: not). `--num_devices=N` uses the first N
+devices only (scaling); `--noeval`
 leaves the evaluation out; `--peak_size`, `--peak_repeats`, `--peak_dtype`
 set the matmul of the peak.
 
@@ -87,6 +89,7 @@ import ml_collections
 from ml_collections import config_flags
 import numpy as np
 
+from refseg_jax import host_memory
 from refseg_jax import sharding
 from refseg_jax import tasks
 from refseg_jax import train
@@ -692,6 +695,9 @@ def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   args = flags.FLAGS
+  kept_freed_memory = (args.keep_freed_host_memory
+                       and jax.default_backend() == 'cpu'
+                       and host_memory.keep_freed())
   config = configure(args.config, args.batch_size, args.expressions_per_image,
                      args.eval_batch_size)
   report = command_report(
@@ -701,6 +707,7 @@ def main(argv: Sequence[str]) -> None:
       eval_steps=args.eval_steps, num_devices=args.num_devices,
       peak_size=args.peak_size, peak_repeats=args.peak_repeats,
       peak_dtype=args.peak_dtype, evaluate=args.eval)
+  report['keep_freed_host_memory'] = kept_freed_memory
   emit(report, args.json)
 
 
@@ -730,6 +737,9 @@ if __name__ == '__main__':
                        'call; None = 20 (accelerator), 4 (CPU).')
   flags.DEFINE_string('peak_dtype', None,
                       "Matmul dtype of the peak; None = the model's dtype.")
+  flags.DEFINE_bool('keep_freed_host_memory', True, 'On CPU, as '
+                    '`refseg_jax.main` does by default '
+                    '(`host_memory.keep_freed`).')
   flags.DEFINE_string('json', None, 'Also write the report to this file.')
   flags.mark_flags_as_required(['config'])
   app.run(main)

@@ -32,7 +32,11 @@ the supervision, so that a mode cannot see labels it must not use:
            labelled_with int32 [B]: each example's labels
            (`LABEL_KINDS`: 0 mask, 1 clicks, 2 text only), drawn per
            referent from `config.supervision` (`label_kinds`); the labels
-           an example lacks are zeros (`hide_labels`)
+           an example lacks are zeros (`hide_labels`). With
+           `config.oversample_masked` r, each example (each image when
+           grouped) is drawn with probability r from the masked referents
+           alone instead, so masks fill more of a batch than their share of
+           the referents, which stays as drawn
 
 Evaluation batches (every mode) hold the text-mode fields plus what scoring
 at the original resolution needs (see `refseg_jax.evaluation`): eval_mask
@@ -140,20 +144,25 @@ def _decode(element: dict, with_mask: bool) -> dict:
   return element
 
 
-def _image_group(index: tf.Tensor, example: dict, size: int,
-                 seed: int) -> dict:
+def _image_group(index: tf.Tensor, example: dict, size: int, seed: int,
+                 eligible: tf.Tensor | None = None) -> dict:
   """`size` expressions of one image (see `expressions_per_image`).
 
-  A random order of the image's expressions, cycled when it has fewer than
-  `size`; labels get a leading [size] axis, the image stays single.
+  A random order of the image's expressions (of those where `eligible`
+  [expressions] is True, if given; at least one must be), cycled when it
+  has fewer than `size`; labels get a leading [size] axis, the image stays
+  single.
   """
   objects = example['objects']
   refs = objects['refs']
   object_of = refs['sentence'].value_rowids()
-  count = tf.size(object_of)
+  candidates = (tf.range(tf.size(object_of, out_type=tf.int64))
+                if eligible is None else
+                tf.where(eligible)[:, 0])
+  count = tf.size(candidates)
   order = tf.argsort(tf.random.stateless_uniform(
       [count], seed=tf.stack([tf.cast(seed, tf.int64), index])))
-  picks = tf.gather(order, tf.range(size) % count)
+  picks = tf.gather(candidates, tf.gather(order, tf.range(size) % count))
   objects_picked = tf.gather(object_of, picks)
   return {
       'image': example['image'],
@@ -458,6 +467,37 @@ def _host_images(config: ml_collections.ConfigDict, split: str,
       read_config=tfds.ReadConfig(shuffle_seed=seed))
 
 
+def _examples(images: tf.data.Dataset, group: int, seed: int
+              ) -> tf.data.Dataset:
+  """Training examples of `images`: expressions, or (`group` k >= 1) groups
+  of k expressions of one image (`_image_group`)."""
+  if not group:
+    return images.flat_map(_expressions)
+  # The picks depend on the image's position in the (repeated) stream.
+  return images.enumerate().map(lambda i, e: _image_group(i, e, group, seed),
+                                num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def _masked_examples(images: tf.data.Dataset, group: int, seed: int,
+                     fractions: Mapping[str, float]) -> tf.data.Dataset:
+  """`_examples` of the referents labelled with masks only (`label_kinds`);
+  in groups, the images that have one, and their masked referents' k
+  expressions."""
+  mask = LABEL_KINDS.index('mask')
+  if not group:
+    return images.flat_map(_expressions).filter(
+        lambda e: tf.equal(label_kinds(e['object_id'], fractions), mask))
+
+  def eligible(example):
+    objects = example['objects']
+    masked = tf.equal(label_kinds(objects['id'], fractions), mask)
+    return tf.gather(masked, objects['refs']['sentence'].value_rowids())
+
+  return images.filter(lambda e: tf.reduce_any(eligible(e))).enumerate().map(
+      lambda i, e: _image_group(i, e, group, seed, eligible(e)),
+      num_parallel_calls=tf.data.AUTOTUNE)
+
+
 def train_dataset(config: ml_collections.ConfigDict, supervision: str,
                   global_batch_size: int, seed: int, process_index: int = 0,
                   process_count: int = 1,
@@ -490,7 +530,13 @@ def train_dataset(config: ml_collections.ConfigDict, supervision: str,
       raise ValueError('Mixed supervision needs config.data.supervision, '
                        "the fraction of referents of each kind, e.g. "
                        "{'mask': 0.1, 'clicks': 0.9} (configs/mixed.py).")
-    check_fractions(config.supervision)
+    fractions = check_fractions(config.supervision)
+    oversampled = config.get('oversample_masked') or 0.0
+    if not 0.0 <= oversampled < 1.0 or (oversampled and not fractions['mask']):
+      raise ValueError(
+          f'config.data.oversample_masked={oversampled} must be in [0, 1), '
+          'and 0 when no referent has a mask (config.data.supervision.mask='
+          f"{fractions['mask']}).")
   resize = resize_of(config)
   tokenizer = load_tokenizer(config.tokenizer, config.name)
   group = config.expressions_per_image
@@ -498,16 +544,18 @@ def train_dataset(config: ml_collections.ConfigDict, supervision: str,
   if group and local_batch % group:
     raise ValueError(f'The per-host batch {local_batch} is not divisible by '
                      f'config.data.expressions_per_image={group}.')
-  ds = _host_images(config, 'train', process_index, process_count,
-                    shuffle_files=True, seed=seed).repeat()
+  images = lambda: _host_images(config, 'train', process_index,
+                                process_count, shuffle_files=True,
+                                seed=seed).repeat()
+  ds = _examples(images(), group, seed)
+  oversampled = (config.get('oversample_masked') or 0.0
+                 if supervision == 'mixed' else 0.0)
+  if oversampled:
+    masked = _masked_examples(images(), group, seed + 1, config.supervision)
+    ds = tf.data.Dataset.sample_from_datasets(
+        [ds, masked], [1.0 - oversampled, oversampled], seed=seed)
   if group:
-    # The picks depend on the image's position in the (repeated) stream.
-    ds = ds.enumerate().map(
-        lambda i, e: _image_group(i, e, group, seed),
-        num_parallel_calls=tf.data.AUTOTUNE)
     local_batch //= group  # Batches of images from here on.
-  else:
-    ds = ds.flat_map(_expressions)
   ds = ds.shuffle(config.shuffle_buffer, seed=seed)
   ds = ds.enumerate()  # A per-element index keeps random flips reproducible.
   ds = ds.skip(skip_batches * local_batch)
