@@ -126,6 +126,26 @@ def test_outside_box_loss_only_sees_cells_outside_the_box():
   assert loss(_logits_where(inside, -30.0, 30.0)) == pytest.approx(30.0)
 
 
+def test_outside_margin_spares_the_cells_a_noisy_box_may_miss():
+  box = jnp.array([[0.25, 0.25, 0.75, 0.75]])  # The middle 4 x 4 of 8 x 8.
+  np.testing.assert_allclose(boxinst.widen_box(box, 0.25),
+                             [[0.125, 0.125, 0.875, 0.875]])
+  np.testing.assert_allclose(boxinst.widen_box(box, 1.0), [[0, 0, 1, 1]])
+  # The mask on the ring of cells just around the box: costly without a
+  # margin, free with a margin of a cell (a quarter of the box's side).
+  ring = np.zeros((8, 8), bool)
+  ring[1:7, 1:7] = True
+  ring[2:6, 2:6] = False
+  logits = _logits_where(ring, 30.0, -30.0)
+  assert float(boxinst.outside_box_loss(logits, box)) > 10
+  assert float(boxinst.outside_box_loss(logits, box, margin=0.25)) < 1e-12
+  # configs/click.py sets the margin from the click noise it trains with.
+  config = config_lib.load(f'{CLICK_CONFIG}:data=ref_shapes_tiny')
+  assert config.loss.outside_margin == 0.0
+  config.data.click_noise = 0.05
+  assert config.loss.outside_margin == pytest.approx(0.1)
+
+
 def test_pairwise_warmup_ramps_linearly_then_holds():
   ramp = [float(weighting.linear_warmup(s, 150)) for s in (0, 75, 150, 600)]
   assert ramp == pytest.approx([0.0, 0.5, 1.0, 1.0])

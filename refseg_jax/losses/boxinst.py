@@ -157,18 +157,32 @@ def pairwise_colour_loss(mask_logits: jax.Array, images: jax.Array,
   return total / jnp.maximum(count, 1.0)
 
 
+def widen_box(box: jax.Array, margin: float) -> jax.Array:
+  """Boxes [B, 4] grown by `margin` times their height (width) above and
+  below (left and right), clipped to the canvas."""
+  size = jnp.tile(box[:, 2:] - box[:, :2], 2)
+  sign = jnp.array([-1.0, -1.0, 1.0, 1.0])
+  return jnp.clip(box + sign * margin * size, 0.0, 1.0)
+
+
 def outside_box_loss(mask_logits: jax.Array, box: jax.Array,
-                     weights: Optional[jax.Array] = None) -> jax.Array:
+                     weights: Optional[jax.Array] = None,
+                     margin: float = 0.0) -> jax.Array:
   """Mean -log(1 - p) over the cells outside the box (weighted 1 - coverage,
-  times the example's bool or float `weights` [B] when given).
+  times the example's bool or float `weights` [B] when given), the box
+  first widened by `margin` (`widen_box`).
 
   The object lies inside the box its corner clicks span, so every cell
   outside is background (as in BBTP, Hsu et al. NeurIPS 2019). BoxInst
   reaches the same prior only through the projections, whose gradient
   vanishes once the sigmoid saturates; this term keeps the mask from
-  flooding the image while the centre-click term pulls it up.
+  flooding the image while the centre-click term pulls it up. Clicks
+  placed with noise span a box whose edges miss the object's by about the
+  noise: only the cells beyond a margin of that size are surely
+  background, while a box too small on one side would push the object's
+  own edge down.
   """
-  outside = 1.0 - box_coverage(box, mask_logits.shape[1:])
+  outside = 1.0 - box_coverage(widen_box(box, margin), mask_logits.shape[1:])
   per_cell = jax.nn.softplus(mask_logits.astype(jnp.float32))
   if weights is not None:
     outside = outside * weights.astype(jnp.float32)[:, None, None]

@@ -32,9 +32,10 @@ class PKSClick(pks_full.PKSFull):
 def click_supervision_loss(
     outputs: base.Outputs, batch: base.Batch, step: jax.Array, *,
     heatmap: float, box: float, projection: float, pairwise: float,
-    point: float, outside: float, heatmap_sigma: float, pairwise_size: int,
-    pairwise_dilation: int, colour_threshold: float,
-    pairwise_warmup_steps: int, weights: Optional[jax.Array] = None
+    point: float, outside: float, outside_margin: float,
+    heatmap_sigma: float, pairwise_size: int, pairwise_dilation: int,
+    colour_threshold: float, pairwise_warmup_steps: int,
+    weights: Optional[jax.Array] = None
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Click-supervised PKS loss (module doc).
 
@@ -43,6 +44,8 @@ def click_supervision_loss(
     batch: A 'click' batch (image, clicks, box = the corner clicks' span).
     step: The training step, for the pairwise warm-up.
     heatmap, box, projection, pairwise, point, outside: the terms' weights.
+    outside_margin: The outside term's box grows by this fraction of its
+      size on each side (`boxinst.widen_box`).
     heatmap_sigma: Standard deviation of the heatmap target, in cells.
     pairwise_size: Neighbourhood side of the pairwise term.
     pairwise_dilation: Its dilation, in mask cells.
@@ -65,7 +68,7 @@ def click_supervision_loss(
       'point': boxinst.point_loss(mask_logits, batch['clicks'][:, 0],
                                   weights),
       'outside': boxinst.outside_box_loss(mask_logits, batch['box'],
-                                          weights),
+                                          weights, outside_margin),
   }
   weights = dict(heatmap=heatmap, box=box, projection=projection,
                  pairwise=pairwise, point=point, outside=outside)

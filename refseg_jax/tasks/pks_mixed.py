@@ -43,7 +43,7 @@ MASK, CLICKS, TEXT = (pipeline.LABEL_KINDS.index(kind)
 # config.loss keys of each kind's loss function.
 _FULL_KEYS = ('heatmap', 'box', 'dice', 'bce', 'heatmap_sigma')
 _CLICK_KEYS = ('heatmap', 'box', 'projection', 'pairwise', 'point', 'outside',
-               'heatmap_sigma', 'pairwise_size', 'pairwise_dilation',
+               'outside_margin', 'heatmap_sigma', 'pairwise_size', 'pairwise_dilation',
                'colour_threshold', 'pairwise_warmup_steps')
 
 
