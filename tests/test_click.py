@@ -139,11 +139,6 @@ def test_outside_margin_spares_the_cells_a_noisy_box_may_miss():
   logits = _logits_where(ring, 30.0, -30.0)
   assert float(boxinst.outside_box_loss(logits, box)) > 10
   assert float(boxinst.outside_box_loss(logits, box, margin=0.25)) < 1e-12
-  # configs/click.py sets the margin from the click noise it trains with.
-  config = config_lib.load(f'{CLICK_CONFIG}:data=ref_shapes_tiny')
-  assert config.loss.outside_margin == 0.0
-  config.data.click_noise = 0.05
-  assert config.loss.outside_margin == pytest.approx(0.1)
 
 
 def test_pairwise_warmup_ramps_linearly_then_holds():
