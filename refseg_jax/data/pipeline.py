@@ -525,13 +525,14 @@ def train_dataset(config: ml_collections.ConfigDict, supervision: str,
     if config[key] and not clicking:
       raise ValueError(f'config.data.{key}={config[key]} applies to click '
                        f"and mixed supervision only, not {supervision!r}.")
+  oversampled = (config.get('oversample_masked') or 0.0
+                 if supervision == 'mixed' else 0.0)
   if supervision == 'mixed':
     if config.get('supervision') is None:
       raise ValueError('Mixed supervision needs config.data.supervision, '
                        "the fraction of referents of each kind, e.g. "
                        "{'mask': 0.1, 'clicks': 0.9} (configs/mixed.py).")
     fractions = check_fractions(config.supervision)
-    oversampled = config.get('oversample_masked') or 0.0
     if not 0.0 <= oversampled < 1.0 or (oversampled and not fractions['mask']):
       raise ValueError(
           f'config.data.oversample_masked={oversampled} must be in [0, 1), '
@@ -548,8 +549,6 @@ def train_dataset(config: ml_collections.ConfigDict, supervision: str,
                                 process_count, shuffle_files=True,
                                 seed=seed).repeat()
   ds = _examples(images(), group, seed)
-  oversampled = (config.get('oversample_masked') or 0.0
-                 if supervision == 'mixed' else 0.0)
   if oversampled:
     masked = _masked_examples(images(), group, seed + 1, config.supervision)
     ds = tf.data.Dataset.sample_from_datasets(
