@@ -10,10 +10,12 @@ examples learn from the pseudo-labels of the params' moving average.
 
 Default (`masks=10,rest=clicks`): 10 % of the referents with masks, 90 %
 with clicks, on the built-in 128 px `ref_shapes` with the tiny PKS, the
-full default's budget (2,400 steps of 32 expressions). Measured on a
-2-core CPU (2026-12-05), mean ± std over seeds 0, 1, 2: validation mIoU
-62.64 ± 7.09 (69.55, 62.99, 55.37), PointM 78.41 ± 4.65; as fragile as
-clicks alone (docs/results.md, "Mixed supervision").
+full default's budget (2,400 steps of 32 expressions), a quarter of each
+batch's images drawn from the masked referents alone
+(`data.oversample_masked`). Measured on a 2-core CPU (2026-12-05), mean ±
+std over seeds 0, 1, 2: validation mIoU 64.68 ± 10.16 (69.83, 71.25,
+52.98), PointM 79.50 ± 6.71; seed 2 ends box-like, as the weak click
+seeds do (docs/results.md, "Mixed supervision").
 
 Arguments, big_vision style, after a colon:
 
