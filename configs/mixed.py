@@ -77,10 +77,8 @@ def get_config(arg=None):
       # The full and click tasks' terms and settings (configs/full.py,
       # configs/click.py).
       heatmap=1.0, box=5.0, dice=1.0, bce=1.0, projection=1.0, pairwise=1.0,
-      point=1.0, outside=1.0,
-      outside_margin=0.0,
-      heatmap_sigma=1.0, pairwise_size=3,
-      pairwise_dilation=2, colour_threshold=0.3,
+      point=1.0, outside=1.0, outside_margin=0.0, heatmap_sigma=1.0,
+      pairwise_size=3, pairwise_dilation=2, colour_threshold=0.3,
       pairwise_warmup_steps=150 if args.model == 'tiny' else 10_000,
       # Each kind's terms are means over its own examples, times the kind's
       # share of the batch and these weights.

@@ -485,17 +485,21 @@ def _masked_examples(images: tf.data.Dataset, group: int, seed: int,
   expressions."""
   mask = LABEL_KINDS.index('mask')
   if not group:
-    return images.flat_map(_expressions).filter(
+    return _examples(images, group, seed).filter(
         lambda e: tf.equal(label_kinds(e['object_id'], fractions), mask))
 
-  def eligible(example):
+  def with_eligible(example):  # Each expression: is its referent masked?
     objects = example['objects']
     masked = tf.equal(label_kinds(objects['id'], fractions), mask)
-    return tf.gather(masked, objects['refs']['sentence'].value_rowids())
+    return example, tf.gather(masked,
+                              objects['refs']['sentence'].value_rowids())
 
-  return images.filter(lambda e: tf.reduce_any(eligible(e))).enumerate().map(
-      lambda i, e: _image_group(i, e, group, seed, eligible(e)),
-      num_parallel_calls=tf.data.AUTOTUNE)
+  return (images.map(with_eligible)
+          .filter(lambda _, eligible: tf.reduce_any(eligible))
+          .enumerate()
+          .map(lambda i, pair: _image_group(i, pair[0], group, seed,
+                                            pair[1]),
+               num_parallel_calls=tf.data.AUTOTUNE))
 
 
 def train_dataset(config: ml_collections.ConfigDict, supervision: str,

@@ -43,8 +43,9 @@ MASK, CLICKS, TEXT = (pipeline.LABEL_KINDS.index(kind)
 # config.loss keys of each kind's loss function.
 _FULL_KEYS = ('heatmap', 'box', 'dice', 'bce', 'heatmap_sigma')
 _CLICK_KEYS = ('heatmap', 'box', 'projection', 'pairwise', 'point', 'outside',
-               'outside_margin', 'heatmap_sigma', 'pairwise_size', 'pairwise_dilation',
-               'colour_threshold', 'pairwise_warmup_steps')
+               'outside_margin', 'heatmap_sigma', 'pairwise_size',
+               'pairwise_dilation', 'colour_threshold',
+               'pairwise_warmup_steps')
 
 
 class PKSMixed(pks_full.PKSFull):
