@@ -215,6 +215,8 @@ def pks_model(variant: str) -> ml_collections.ConfigDict:
       resnet_preset='tiny', bert_preset='tiny', dim=64,
       mask_channels=8, mask_layers=3, mask_stride=4, context_layers=1,
       mask_trunk_gradient=1.0,
+      # Normal std of the dynamic mask kernels' generator (CondInst's).
+      kernel_init_std=0.01,
       # BERT's dropout rates; None keeps the preset's (0.1).
       text_dropout=config_dict.placeholder(float), dtype='float32',
       frozen_bn=False,

@@ -318,6 +318,8 @@ class PKS(bert.TextConditioned):
       position heads (`SpatialContext`).
     mask_trunk_gradient: Scale of the mask losses' gradient into the shared
       backbone and neck (1 = unscaled; weak mask losses are noisier).
+    kernel_init_std: Standard deviation of the normal initialisation of
+      the layer that generates the dynamic mask kernels (CondInst: 0.01).
     frozen_bn: Always use the ResNet's BN running averages.
   """
 
@@ -328,6 +330,7 @@ class PKS(bert.TextConditioned):
   mask_stride: Literal[4, 8]
   context_layers: int
   mask_trunk_gradient: float
+  kernel_init_std: float
   frozen_bn: bool
 
   def __post_init__(self):
@@ -390,7 +393,7 @@ class PKS(bert.TextConditioned):
     # (lecun-normal kernels start them at |logit| ~ 10, saturated).
     trunk = lambda x: scale_gradient(x, self.mask_trunk_gradient)
     kernels = _head(trunk(visual), self.dim, n_kernel, self.dtype, 'kernel',
-                    kernel_init=nn.initializers.normal(0.01))
+                    kernel_init=nn.initializers.normal(self.kernel_init_std))
     mask_features = _head(trunk(levels[self.mask_stride]), self.dim,
                           self.mask_channels, self.dtype, 'mask')
 
