@@ -148,6 +148,20 @@ def test_forward_shapes_and_finite(setup):
   np.testing.assert_allclose(out['centre'], pks.heatmap_peak(out['heatmap']))
 
 
+def test_kernel_generator_starts_at_the_configured_std(setup, tiny_model):
+  generator_std = lambda variables: np.std(
+      variables['params']['kernel_out']['kernel'])
+  _, variables, _, batch = setup
+  wider = small_pks(tiny_model, kernel_init_std=0.05)
+  init = jax.jit(functools.partial(wider.init, train=False))
+  # 16 x 169 weights each: their std within 10 % of the configured one
+  # (the configs' 0.01, then 0.05).
+  np.testing.assert_allclose(generator_std(variables), 0.01, rtol=0.1)
+  np.testing.assert_allclose(
+      generator_std(init(jax.random.key(0), batch['image'], TOKENS,
+                         TEXT_MASK)), 0.05, rtol=0.1)
+
+
 def test_mask_head_uses_kernel_at_centre(setup):
   _, variables, apply, batch = setup
   run = lambda c: apply(variables, batch['image'], TOKENS, TEXT_MASK,
