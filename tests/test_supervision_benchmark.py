@@ -66,14 +66,15 @@ def test_modes_share_data_steps_and_seed_pks_modes_also_the_model():
       assert config[key] == configs['full'][key], (mode, key)
     assert without_noise(config['data']) == without_noise(
         configs['full']['data'])
-  # The same PKS; click scales the weak mask losses' gradient into the trunk.
-  trunk = lambda model: {k: v for k, v in model.items()
-                         if k != 'mask_trunk_gradient'}
+  # The same PKS; click scales the weak mask losses' gradient into the trunk
+  # and starts the mask kernels' generator wider (configs/click.py).
+  tuned = ('mask_trunk_gradient', 'kernel_init_std')
+  shared = lambda model: {k: v for k, v in model.items() if k not in tuned}
   for mode in ('click', 'click_noise'):
     assert configs[mode]['optimizer'] == configs['full']['optimizer']
-    assert trunk(configs[mode]['model']) == trunk(configs['full']['model'])
-    assert configs[mode]['model']['mask_trunk_gradient'] == 0.1
-  assert configs['full']['model']['mask_trunk_gradient'] == 1.0
+    assert shared(configs[mode]['model']) == shared(configs['full']['model'])
+    assert [configs[mode]['model'][k] for k in tuned] == [0.1, 0.03]
+  assert [configs['full']['model'][k] for k in tuned] == [1.0, 0.01]
   assert configs['click']['loss'] == configs['click_noise']['loss']
   assert [(c['task'], c['data']['click_noise'])
           for c in configs.values()] == [

@@ -124,10 +124,12 @@ def one_device_run(train_config, train_batches):
 def test_meshes_match_one_device(train_config, train_batches, one_device_run,
                                  axes):
   """Same losses and params, up to float32 reduction order: 1e-5 relative
-  on the losses, 1e-3 of the learning rate on the params. (Adam's first
+  on the losses, 1e-2 of the learning rate on the params. (Adam's first
   steps move every weight by about the learning rate whatever its gradient's
   size, so reduction-order noise on a near-zero gradient shows up at that
-  scale; measured up to 1.1e-4 of it.)"""
+  scale: measured up to 1.1e-4 of it on one CPU, and on an AMD EPYC up to
+  2.1e-3 for one element, a rarely seen token's embedding, and 3.6e-4 for
+  every other.)"""
   config = train_config.copy_and_resolve_references()
   if len(axes) == 2:
     config.fsdp_axis = 'fsdp'
@@ -136,7 +138,7 @@ def test_meshes_match_one_device(train_config, train_batches, one_device_run,
   losses, params, state = run_steps(config, mesh, train_batches)
   expected_losses, expected_params, _ = one_device_run
   np.testing.assert_allclose(losses, expected_losses, rtol=1e-5)
-  atol = 1e-3 * config.optimizer.learning_rate
+  atol = 1e-2 * config.optimizer.learning_rate
   def check(path, a, b):
     name = jax.tree_util.keystr(path)
     # An attention key's bias adds the same logit to every key of a query,
