@@ -7,6 +7,12 @@ import tempfile
 
 # Several fake CPU devices, as a pod slice would have; set before jax loads.
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
+# XLA with most optimisations off, in this process and (inherited) in every
+# subprocess: compiling is most of the suite's time, and optimisations
+# change no test's outcome (their numbers are compared within tolerances, or
+# between programs compiled alike). Measured on 2 cores beside a training
+# run: the whole suite 2,033 s with them, 1,616 s without.
+os.environ.setdefault('JAX_DISABLE_MOST_OPTIMIZATIONS', '1')
 # JAX's persistent compilation cache, for this test session only: the
 # end-to-end tests compile the same tiny train, eval and init steps in this
 # process and in `refseg_jax.main` subprocesses (measured: test_train.py
@@ -20,7 +26,6 @@ else:
   os.environ['JAX_COMPILATION_CACHE_DIR'] = _OWN_COMPILATION_CACHE
 
 import filelock  # pylint: disable=g-import-not-at-top
-import jax  # pylint: disable=g-import-not-at-top
 import pytest  # pylint: disable=g-import-not-at-top
 
 from refseg_jax import config_lib  # pylint: disable=g-import-not-at-top
@@ -31,14 +36,17 @@ TINY = 'ref_shapes/tiny'
 REPO = pathlib.Path(__file__).parents[1]
 
 
-# The longest files first: with `--dist loadfile` the two xdist workers
-# take files in collection order, so a long file collected last would run
-# alone at the end. test_evaluate_predict.py comes once test_train.py has
-# had time to train `tiny_full_run`, which both use (else its worker would
-# wait for the lock with nothing to do).
-_LONGEST_FIRST = ('test_train.py', 'test_multihost.py', 'test_notebook.py',
-                  'test_refcoco.py', 'test_evaluate_predict.py', 'test_pks.py',
-                  'test_configs.py', 'test_sag.py')
+# The longest files first, by their measured time (`pytest --durations`):
+# with `--dist loadfile --no-loadscope-reorder` (setup.cfg) the two xdist
+# workers take files in collection order, so a long file collected last
+# would run alone at the end. test_train.py trains `tiny_full_run` first,
+# which test_evaluate_predict.py uses too.
+_LONGEST_FIRST = ('test_train.py', 'test_soak.py', 'test_evaluate_predict.py',
+                  'test_multihost.py', 'test_sag.py', 'test_remat.py',
+                  'test_train_step_benchmark.py', 'test_mixed.py',
+                  'test_configs.py', 'test_refcoco.py',
+                  'test_supervision_benchmark.py', 'test_convert.py',
+                  'test_notebook.py', 'test_click.py', 'test_pks.py')
 
 
 def pytest_collection_modifyitems(items):
@@ -99,22 +107,6 @@ def tiny_full_run(tiny_data_dir, tmp_path_factory, request):
     if not (workdir / 'results.json').exists():
       train.train_and_evaluate(tiny_train_config(tiny_data_dir), str(workdir))
   return workdir
-
-
-# The environment variable of `jax_disable_most_optimizations`, for
-# subprocesses.
-FAST_COMPILE_ENV = {'JAX_DISABLE_MOST_OPTIMIZATIONS': '1'}
-
-
-@pytest.fixture
-def fast_compile():
-  """XLA with most optimisations off for the test: compilations take about
-  40 % less CPU time; for tests that check whether a run works, or compare
-  runs compiled alike (subprocesses: `FAST_COMPILE_ENV`)."""
-  before = jax.config.read('jax_disable_most_optimizations')
-  jax.config.update('jax_disable_most_optimizations', True)
-  yield
-  jax.config.update('jax_disable_most_optimizations', before)
 
 
 @pytest.fixture(scope='session')

@@ -16,7 +16,6 @@ from tensorboard.backend.event_processing import event_accumulator
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from conftest import FAST_COMPILE_ENV
 from refseg_jax import sharding
 from refseg_jax.data import pipeline
 from test_train import FULL_CONFIG
@@ -58,9 +57,7 @@ def loopback_run(tmp_path_factory):
   process 0 builds). Returns (workdir, data dir, the two processes' logs)."""
   root = tmp_path_factory.mktemp('loopback')
   workdir, data_dir = root / 'run', root / 'tfds'
-  # XLA with most optimisations off (compiling costs most of this test), as
-  # for the one-process run it is compared with.
-  env = dict(subprocess_env(), **FAST_COMPILE_ENV, PORT=free_port(),
+  env = dict(subprocess_env(), PORT=free_port(),
              PATH=os.pathsep.join([os.path.dirname(sys.executable),
                                    os.environ['PATH']]))
   result = subprocess.run(
@@ -93,7 +90,6 @@ def test_loopback_prepares_the_data_once_and_only_process_0_writes(
       'process_0-of-2.index', 'process_1-of-2.index'}
 
 
-@pytest.mark.usefixtures('fast_compile')  # As the two processes.
 def test_loopback_losses_equal_one_process_on_the_same_global_batches(
     loopback_run):
   """The two processes' losses (each host reading its own shard) equal one

@@ -584,7 +584,6 @@ def test_check_flags_every_mismatch(data_dir, capsys):
   assert 'MISMATCH' not in lines[2]
 
 
-@pytest.mark.usefixtures('fast_compile')  # Whether the run works, only.
 def test_click_config_trains_and_evaluates_end_to_end(data_dir, tmp_path):
   vocab = tmp_path / 'vocab.txt'
   vocab.write_text('\n'.join(['[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]',

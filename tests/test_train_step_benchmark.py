@@ -29,16 +29,6 @@ FULL = f'{REPO}/configs/full.py:data=ref_shapes_tiny'
 PEAK_SIZE = 256
 
 
-@pytest.fixture(scope='module', autouse=True)
-def _fast_compile():
-  """Most XLA optimisations off for the module (~25 % less compile time;
-  every compilation here alike, the FLOP counts unchanged)."""
-  before = jax.config.read('jax_disable_most_optimizations')
-  jax.config.update('jax_disable_most_optimizations', True)
-  yield
-  jax.config.update('jax_disable_most_optimizations', before)
-
-
 @pytest.fixture(scope='module')
 def command(tmp_path_factory):
   """(stdout lines, the --json report) of one run of what the command runs
