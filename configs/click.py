@@ -48,35 +48,7 @@ def get_config(arg=None):
   # at a tenth of it, validation mIoU went from 55.6 to 68.3
   # (docs/results.md).
   config.model.mask_trunk_gradient = 0.1
-  tiny = args.model == 'tiny'
-  # On ref_shapes, four changes together took validation mIoU over seeds
-  # 0-2 from 58.98 +- 8.34 to 67.86 +- 1.62, and with noisy clicks
-  # (sigma 0.05) from 52.00 +- 1.96 to 67.12 +- 2.74 (docs/results.md):
-  # the mask kernels' generator at 3 x CondInst's std; the outside term
-  # at 10 x, since as a mean over every cell outside the box a look-alike
-  # object barely moves it at 1 x; its box widened (outside_margin); and
-  # a pairwise term that links the images' textured background
-  # (threshold 0.05, dilation 1: 89 % of neighbouring background cells,
-  # against 26 % at BoxInst's 0.3 and 2).
-  config.model.kernel_init_std = 0.03 if tiny else 0.01
-  # Weights, then BoxInst's settings (AdelaiDet's defaults) at paper scale.
-  config.loss = dict(
-      heatmap=1.0, box=5.0, projection=1.0, pairwise=1.0, point=1.0,
-      outside=10.0 if tiny else 1.0,
-      # The outside term's box widened by this fraction of its size on
-      # each side (`boxinst.outside_box_loss`). At 10 x that term pushes
-      # down the object's own edge cells, which straddle the box's edge on
-      # the stride-4 grid, and a corner click moved by noise cuts further
-      # in: on ref_shapes 0.1 gave the masks their edges back (noisy clicks:
-      # 64.78 +- 2.04 without it).
-      outside_margin=0.1 if tiny else 0.0,
-      heatmap_sigma=1.0,          # Heatmap target's standard deviation, cells.
-      pairwise_size=3,            # Neighbourhood side, in mask cells,
-      pairwise_dilation=1 if tiny else 2,   # and its spacing.
-      colour_threshold=0.05 if tiny else 0.3,  # L*a*b* similarity a pair needs.
-      # BoxInst ramps the pairwise term in over 10,000 of ~90,000
-      # iterations: at paper scale that; on ref_shapes a ninth of the run
-      # as it was when this was set (1,300 steps; now 2,400).
-      pairwise_warmup_steps=150 if tiny else 10_000)
+  config.model.kernel_init_std = common.click_kernel_init_std(args.model)
+  config.loss = common.click_loss(args.model)
   config.lock()
   return config

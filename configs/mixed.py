@@ -12,9 +12,11 @@ Default (`masks=10,rest=clicks`): 10 % of the referents with masks, 90 %
 with clicks, on the built-in 128 px `ref_shapes` with the tiny PKS, the
 full default's budget (2,400 steps of 32 expressions), a quarter of each
 batch's images drawn from the masked referents alone
-(`data.oversample_masked`). Measured on a 2-core CPU (2026-12-05), mean ±
-std over seeds 0, 1, 2: validation mIoU 67.97 ± 1.32 (66.50, 69.05,
-68.35), PointM 80.54 ± 1.70 (docs/results.md, "Mixed supervision").
+(`data.oversample_masked`), the clicked examples' losses as in
+`configs/click.py`. Measured on a 2-core CPU (2026-12-06), mean ± std over
+seeds 0, 1, 2: validation mIoU 71.26 ± 0.34 (71.13, 71.65, 71.00), 0.984 ±
+0.005 of full supervision's 72.39, PointM 83.17 ± 0.45; with 1 % masks
+68.22 ± 2.18 (docs/results.md, "Mixed supervision").
 
 Arguments, big_vision style, after a colon:
 
@@ -69,22 +71,16 @@ def get_config(arg=None):
   # The weak mask losses' gradient into the trunk is mostly noise when
   # clicks dominate (configs/click.py); masks and pseudo-masks are not.
   config.model.mask_trunk_gradient = 0.1 if rest == 'clicks' else 1.0
-  # Three times CondInst's init of the mask kernels' generator: with 10 %
-  # masks and clicks for the rest, validation mIoU over seeds 0-2 went
-  # from 64.68 +- 10.16 (one seed stuck, its masks lighting up look-alike
-  # objects) to 67.97 +- 1.32 (docs/results.md).
-  config.model.kernel_init_std = 0.03 if rest == 'clicks' else 0.01
+  # Clicked examples learn as under configs/click.py (its settings for
+  # ref_shapes, `common.click_loss`); text-only ones kept CondInst's init.
+  config.model.kernel_init_std = (common.click_kernel_init_std(args.model)
+                                  if rest == 'clicks' else 0.01)
   # The teacher (text-only examples' pseudo-labels, clicked examples'
   # masks) is the params' moving average, which evaluation then uses too.
   config.ema_decay = 0.999 if teacher else 0.0
   config.loss = dict(
-      # The full and click tasks' terms, with BoxInst's settings: the
-      # mixed figures were measured with these, not with the ones tuned
-      # for clicks alone on ref_shapes (configs/click.py).
-      heatmap=1.0, box=5.0, dice=1.0, bce=1.0, projection=1.0, pairwise=1.0,
-      point=1.0, outside=1.0, outside_margin=0.0, heatmap_sigma=1.0,
-      pairwise_size=3, pairwise_dilation=2, colour_threshold=0.3,
-      pairwise_warmup_steps=150 if args.model == 'tiny' else 10_000,
+      # The click task's terms and settings, and the full task's mask terms.
+      **common.click_loss(args.model), dice=1.0, bce=1.0,
       # Each kind's terms are means over its own examples, times the kind's
       # share of the batch and these weights.
       kind_weights=dict(mask=1.0, clicks=1.0,
